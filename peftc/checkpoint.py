@@ -1,0 +1,171 @@
+"""The PEFT checkpoint format: read adapter_config.json + adapter_model.{safetensors,bin}, turn a config
+into an AdapterSpec, and write checkpoints that `peft` and `transformers` load unchanged.
+
+On disk, keys are `base_model.model.<module>.<tensor>` with no adapter name; an adapter that is not the
+only/default one lives in a subfolder named after it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftc.errors import PeftcError
+from peftc.lang.methods import MethodDef, coerce_option
+from peftc.spec.model import AdapterSpec, PerPattern, Span, TargetRule
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+              "QUESTION_ANS": ["qa_outputs"]}
+
+
+def _adapter_dir(path: str | Path, what: str = "adapter") -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise PeftcError(f"{what} directory not found: {p}")
+    if not p.is_dir():
+        raise PeftcError(f"{p}: expected a PEFT checkpoint directory (adapter_config.json + adapter_model.safetensors)")
+    return p
+
+
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    p = _adapter_dir(path)
+    f = p / CONFIG_NAME
+    if not f.exists():
+        raise PeftcError(f"{p}: no {CONFIG_NAME} (not a PEFT checkpoint directory)")
+    try:
+        cfg = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise PeftcError(f"{f}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PeftcError(f"{f}: cannot read: {e}") from None
+    if not isinstance(cfg, dict):
+        raise PeftcError(f"{f}: expected a JSON object")
+    return cfg
+
+
+def read_adapter_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
+    p = _adapter_dir(path)
+    st, binf = p / SAFETENSORS_NAME, p / BIN_NAME
+    if st.exists():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(st)), st
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise PeftcError(f"{st}: corrupt or truncated safetensors file ({str(e).strip() or type(e).__name__})") from None
+    if binf.exists():
+        try:
+            sd = torch.load(str(binf), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - pickle raises many kinds
+            raise PeftcError(f"{binf}: corrupt adapter weights file ({type(e).__name__}: {e})") from None
+        if not isinstance(sd, dict):
+            raise PeftcError(f"{binf}: expected a state dict")
+        return sd, binf
+    raise PeftcError(f"{p}: no {SAFETENSORS_NAME} or {BIN_NAME} found")
+
+
+def _rules(value: Any, span: Span) -> list[TargetRule]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        if value == "all-linear":
+            return [TargetRule("all-linear", value, span)]
+        return [TargetRule("regex", value, span)]
+    return [TargetRule("name", str(v), span) for v in value]
+
+
+# config keys whose non-default value peftc cannot honour (value -> default)
+_UNSUPPORTED_LORA = {"layer_replication": None, "alora_invocation_tokens": None, "use_qalora": False,
+                     "target_parameters": None, "trainable_token_indices": None, "megatron_config": None,
+                     "use_bdlora": None, "arrow_config": None}
+
+
+def adapter_from_config(name: str, directory: str | Path, config: dict[str, Any], method: MethodDef,
+                        span: Span) -> AdapterSpec:
+    """The spec an imported PEFT adapter stands for."""
+    cfg_file = str(Path(directory) / CONFIG_NAME)
+    cspan = Span(cfg_file)
+    ad = AdapterSpec(name, span, method=method.name, import_dir=str(directory))
+    if method.peft_type == "LORA":
+        for key, default in _UNSUPPORTED_LORA.items():
+            v = config.get(key, default)
+            if v not in (default, [], {}, False):
+                raise PeftcError(f"{cfg_file}: {key} = {v!r} is not supported by peftc yet")
+        if config.get("bias", "none") != "none":
+            raise PeftcError(f"{cfg_file}: bias = {config['bias']!r} is not supported (only \"none\")")
+    for decl in method.options.values():
+        if decl.config_key is None or decl.config_key not in config:
+            continue
+        value = config[decl.config_key]
+        if decl.type == "targets":
+            if value:
+                ad.option_targets[decl.name] = _rules(value, cspan)
+            continue
+        try:
+            value = coerce_option(decl, value)
+        except ValueError as e:
+            if decl.name == "init":
+                continue  # an init scheme only matters for fresh weights; these are loaded
+            raise PeftcError(f"{cfg_file}: {decl.config_key} {e}") from None
+        if decl.name == "init" and decl.values and value not in decl.values.values():
+            continue
+        ad.options[decl.name] = value
+    ad.targets = _rules(config.get("target_modules"), cspan)
+    if not ad.targets:
+        raise PeftcError(f"{cfg_file}: target_modules is empty; nothing to adapt")
+    ad.exclude = _rules(config.get("exclude_modules"), cspan)
+    ltt = config.get("layers_to_transform")
+    if ltt is not None:
+        ad.layers = [ltt] if isinstance(ltt, int) else list(ltt)
+    lp = config.get("layers_pattern")
+    if lp:
+        ad.layers_pattern = [lp] if isinstance(lp, str) else list(lp)
+    by_key = {d.config_key: d.name for d in method.options.values() if d.config_key}
+    for cfg_key, opt in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+        for pat, val in (config.get(cfg_key) or {}).items():
+            if opt in by_key:
+                ad.per_pattern.append(PerPattern(by_key[opt], TargetRule("pattern", pat, cspan), val, cspan))
+    mts = list(config.get("modules_to_save") or [])
+    ad.modules_to_save = list(dict.fromkeys(mts))
+    ad.extra_config = {k: config[k] for k in ("task_type", "base_model_name_or_path", "revision") if k in config}
+    return ad
+
+
+def task_head_candidates(config: dict[str, Any]) -> list[str]:
+    return TASK_HEADS.get(str(config.get("task_type") or ""), [])
+
+
+# ---------------------------------------------------------------- writing
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_checkpoint(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Write adapter_config.json and adapter_model.safetensors atomically."""
+    from safetensors.torch import save
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(directory / SAFETENSORS_NAME, save(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+
+
+def pattern_key_for(layer: str) -> str:
+    """A rank_pattern key that selects exactly one layer."""
+    return re.escape(layer)

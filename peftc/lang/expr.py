@@ -1,0 +1,136 @@
+"""The expression AST shared by method files and rewrite rules, built from lark parse trees.
+
+Operators become calls of named ops (`a + b` is Call('add', [a, b])), so that evaluation, emission into
+a graph and pattern matching all see one uniform shape.
+"""
+from __future__ import annotations
+
+import ast as pyast
+from dataclasses import dataclass, field
+from typing import Any
+
+from lark import Token, Tree
+
+
+@dataclass(frozen=True)
+class Expr:
+    line: int = field(default=0, compare=False, kw_only=True)
+    column: int = field(default=0, compare=False, kw_only=True)
+
+
+@dataclass(frozen=True)
+class Const(Expr):
+    value: Any
+
+
+@dataclass(frozen=True)
+class Name(Expr):
+    id: str
+
+
+@dataclass(frozen=True)
+class Rest(Expr):
+    """`...` in a rule: the remaining arguments of a call."""
+
+
+@dataclass(frozen=True)
+class Call(Expr):
+    fn: str
+    args: tuple[Expr, ...] = ()
+    kwargs: tuple[tuple[str, Expr], ...] = ()
+
+
+_BINARY = {"add", "sub", "mul", "div", "matmul", "or_", "and_"}
+_CMP = {"==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
+
+
+def _pos(tree: Tree | Token) -> dict:
+    if isinstance(tree, Token):
+        return {"line": tree.line or 0, "column": tree.column or 0}
+    meta = tree.meta
+    return {"line": getattr(meta, "line", 0), "column": getattr(meta, "column", 0)}
+
+
+def to_expr(node: Tree | Token | None) -> Expr | None:
+    """Convert a lark subtree of the expression grammar into an Expr."""
+    if node is None:
+        return None
+    if isinstance(node, Token):
+        if node.type == "NAME":
+            return Name(str(node), **_pos(node))
+        if node.type == "STRING":
+            return Const(pyast.literal_eval(str(node)), **_pos(node))
+        raise ValueError(f"unexpected token {node!r}")
+    kind = node.data
+    pos = _pos(node)
+    ch = node.children
+    if kind == "number":
+        text = str(ch[0])
+        value: Any = float(text) if any(c in text for c in ".eE") else int(text)
+        return Const(value, **pos)
+    if kind == "string":
+        return Const(pyast.literal_eval(str(ch[0])), **pos)
+    if kind in ("true", "false", "none"):
+        return Const({"true": True, "false": False, "none": None}[kind], **pos)
+    if kind == "name":
+        return Name(str(ch[0]), **pos)
+    if kind == "rest":
+        return Rest(**pos)
+    if kind in _BINARY:
+        return Call(kind.rstrip("_"), (to_expr(ch[0]), to_expr(ch[1])), **pos)
+    if kind == "neg":
+        return Call("neg", (to_expr(ch[0]),), **pos)
+    if kind == "not_":
+        return Call("not", (to_expr(ch[0]),), **pos)
+    if kind == "compare":
+        return Call(_CMP[str(ch[1])], (to_expr(ch[0]), to_expr(ch[2])), **pos)
+    if kind == "cond":
+        return Call("cond", tuple(to_expr(c) for c in ch), **pos)
+    if kind == "subscript":
+        base = to_expr(ch[0])
+        idx = [c.data for c in ch[1:]]
+        if idx == ["full_slice", "new_axis"]:
+            return Call("unsqueeze", (base, Const(1)), **pos)
+        if idx == ["new_axis", "full_slice"]:
+            return Call("unsqueeze", (base, Const(0)), **pos)
+        raise ValueError(f"line {pos['line']}: only [:, None] and [None, :] indexing is supported")
+    if kind == "call":
+        fn = str(ch[0])
+        args: list[Expr] = []
+        kwargs: list[tuple[str, Expr]] = []
+        for a in ch[1:]:
+            if a is None:
+                continue
+            if isinstance(a, Tree) and a.data == "kwarg":
+                kwargs.append((str(a.children[0]), to_expr(a.children[1])))
+            else:
+                args.append(to_expr(a))
+        return Call(fn, tuple(args), tuple(kwargs), **pos)
+    raise ValueError(f"unexpected expression node {kind}")
+
+
+def names_in(expr: Expr) -> set[str]:
+    """Every Name referenced by an expression."""
+    if isinstance(expr, Name):
+        return {expr.id}
+    if isinstance(expr, Call):
+        out: set[str] = set()
+        for a in expr.args:
+            out |= names_in(a)
+        for _, v in expr.kwargs:
+            out |= names_in(v)
+        return out
+    return set()
+
+
+def show(expr: Expr) -> str:
+    """A compact text form, for messages and --dump output."""
+    if isinstance(expr, Const):
+        return repr(expr.value)
+    if isinstance(expr, Name):
+        return expr.id
+    if isinstance(expr, Rest):
+        return "..."
+    assert isinstance(expr, Call)
+    parts = [show(a) for a in expr.args] + [f"{k}={show(v)}" for k, v in expr.kwargs]
+    return f"{expr.fn}({', '.join(parts)})"

@@ -1,0 +1,42 @@
+"""The method library: every method and rule declared in passes/*.peft, loaded once."""
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from peftc.errors import PeftcError, did_you_mean
+from peftc.lang.methods import MethodDef, load_methods
+from peftc.lang.rules import Rule, build_rule
+from peftc.resources import data_dir
+
+
+class Library:
+    def __init__(self, methods: dict[str, MethodDef], rules: list[Rule]) -> None:
+        self.methods = methods
+        self.rules = rules
+
+    def method(self, name: str) -> MethodDef:
+        if name not in self.methods:
+            raise PeftcError(f"unknown method '{name}'{did_you_mean(name, self.methods)}; "
+                             f"known: {', '.join(sorted(self.methods))}")
+        return self.methods[name]
+
+    def method_for_config(self, config: dict[str, Any]) -> MethodDef | None:
+        """The method whose peft_type and fixed config entries match a PEFT adapter_config.json."""
+        peft_type = str(config.get("peft_type", "")).upper()
+        for m in self.methods.values():
+            if m.peft_type != peft_type:
+                continue
+            if all(bool(config.get(k) or False) == bool(v) if isinstance(v, bool) else config.get(k) == v
+                   for k, v in m.fixed_config.items()):
+                return m
+        return None
+
+    def peft_types(self) -> list[str]:
+        return sorted({m.peft_type for m in self.methods.values() if m.peft_type})
+
+
+@cache
+def library() -> Library:
+    methods, rule_trees = load_methods(list(data_dir("passes").glob("*.peft")))
+    return Library(methods, [build_rule(t, f) for t, f in rule_trees])

@@ -1,0 +1,96 @@
+"""The compile pipeline: spec + model -> plan -> traced graph -> passes -> adapted GraphModule.
+
+    insert -> fold -> factor -> dce
+
+`fold` runs before `factor` (the design sketch has them the other way round): folding first turns every
+merged transform into a constant, so the factoring rules only ever see live adapters and need no
+"is this weight constant?" guard. Each pass is a function GraphModule -> PassResult.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from peftc.errors import PeftcError
+from peftc.library import library
+from peftc.manifest import Manifest
+from peftc.models import LoadedModel, load_model
+from peftc.plan import Plan, build_plan
+from peftc.progress import step
+from peftc.rewrite.eliminate_dead_code import eliminate_dead_code
+from peftc.rewrite.factor import factor
+from peftc.rewrite.fold_frozen import fold_frozen
+from peftc.rewrite.insert_adapters import insert_adapters
+from peftc.spec.model import Spec
+from peftc.spec.parse import parse_spec, read_spec
+from peftc.trace import trace
+
+PASSES = ("insert", "fold", "factor", "dce")
+
+
+@dataclass
+class Compiled:
+    gm: fx.GraphModule
+    plan: Plan
+    model: LoadedModel
+    timings: dict[str, float] = field(default_factory=dict)
+    rule_log: list[str] = field(default_factory=list)
+
+
+def load_spec(spec: str | Path | Spec) -> Spec:
+    """A Spec from a path to a .peft file, spec text (containing 'adapter'), or a Spec."""
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, Path) or (isinstance(spec, str) and "\n" not in spec and spec.endswith(".peft")):
+        return read_spec(spec)
+    if isinstance(spec, str) and "adapter" in spec:
+        return parse_spec(spec, "<spec>")
+    return read_spec(spec)
+
+
+def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
+                  example_inputs: list[str] | dict[str, torch.Tensor] | None = None,
+                  dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0) -> Compiled:
+    if dump_after is not None and dump_after not in PASSES:
+        raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
+    sp = load_spec(spec)
+    with step("Loading model"):
+        loaded = load_model(model, example_inputs)
+    with step("Planning adapters"):
+        plan = build_plan(sp, loaded.module, merge_all=merge, train=train, seed=seed)
+    with step("Tracing (torch.export)"):
+        gm = trace(loaded.module, loaded.inputs)
+    manifest = Manifest(model_class=type(loaded.module).__name__,
+                        base_model_name_or_path=getattr(loaded.config, "_name_or_path", None) or None)
+    rule_log: list[str] = []
+    passes = {
+        "insert": insert_adapters(plan, manifest),
+        "fold": fold_frozen(manifest),
+        "factor": factor(library().rules, rule_log),
+        "dce": eliminate_dead_code(manifest),
+    }
+    for name in PASSES:
+        with step(f"Pass {name}"):
+            gm = passes[name](gm).graph_module
+        if dump_after == name:
+            dump(f"# graph after pass '{name}'\n{gm.graph}")
+    gm.peftc = manifest
+    gm.peftc_inputs = dict(loaded.inputs)
+    gm.train(train)
+    return Compiled(gm, plan, loaded, rule_log=rule_log)
+
+
+def compile(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
+            example_inputs: list[str] | dict[str, torch.Tensor] | None = None, seed: int = 0) -> fx.GraphModule:
+    """Compile `spec` onto `model` and return the adapted fx GraphModule.
+
+    `spec`: a .peft path, spec text, or Spec. `model`: an nn.Module or any MODEL reference the CLI takes.
+    `merge`: fold every active adapter into the base weights. `train`: include adapter dropout (the module
+    is returned in training mode; unmerged adapter tensors require grad either way, base weights never do).
+    """
+    return compile_model(spec, model, merge=merge, train=train, example_inputs=example_inputs, seed=seed).gm

@@ -1,0 +1,345 @@
+"""Spec + model -> Plan: for every targeted layer, the adapters on it (method instantiated with that
+layer's option values) and their tensors (fresh, or loaded and checked against a PEFT checkpoint).
+
+This is where a spec is checked against the method library and the model: unknown methods/options,
+wrong option types, targets that match nothing, and checkpoints with missing, extra or misshapen
+tensors all become PeftcErrors that point at the spec (file:line:col) or at the checkpoint key.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc.checkpoint import PREFIX, adapter_from_config, read_adapter_config, read_adapter_tensors, task_head_candidates
+from peftc.errors import PeftcError, did_you_mean
+from peftc.lang.evaluate import EvalError, evaluate
+from peftc.lang.methods import MethodDef, ParamDecl, SiteProgram, coerce_option, instantiate
+from peftc.library import Library, library
+from peftc.ops import Init
+from peftc.spec.model import AdapterSpec, Span, Spec
+from peftc.targeting import Layer, is_targeted, layer_kind, layers_of, option_targets_hit, output_layer_names, pattern_value
+
+
+@dataclass
+class SiteAdapter:
+    """One adapter on one layer."""
+    adapter: str
+    method: MethodDef
+    program: SiteProgram
+    tensors: dict[str, torch.Tensor]        # param name -> tensor
+    layer_options: dict[str, Any]            # option values at this layer
+    merge: bool
+    active: bool
+
+
+@dataclass
+class AdapterPlan:
+    spec: AdapterSpec
+    method: MethodDef
+    options: dict[str, Any]
+    layers: list[str]
+    modules_to_save: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    merge: bool = False
+    active: bool = True
+    source: str = "fresh"                    # fresh | weights | import
+
+
+@dataclass
+class Plan:
+    layers: dict[str, Layer]
+    sites: dict[str, list[SiteAdapter]]      # layer -> adapters, in application order
+    adapters: dict[str, AdapterPlan]
+    train: bool = False
+
+    def trainable_count(self) -> int:
+        n = 0
+        for sas in self.sites.values():
+            for sa in sas:
+                if sa.active and not sa.merge:
+                    n += sum(t.numel() for t in sa.tensors.values())
+        for ap in self.adapters.values():
+            if ap.active and not ap.merge:
+                n += sum(t.numel() for mod in ap.modules_to_save.values() for t in mod.values())
+        return n
+
+
+def _err(msg: str, span: Span | None, spec: Spec | None) -> PeftcError:
+    if span is None or spec is None or span.file != spec.file:
+        if span is not None and span.file and (spec is None or span.file != spec.file):
+            return PeftcError(msg, file=span.file, line=span.line or None, column=span.column or None)
+        return PeftcError(msg)
+    return PeftcError(msg, file=span.file, line=span.line, column=span.column, source=spec.source)
+
+
+def _resolve_path(p: str, spec: Spec) -> str:
+    path = Path(p)
+    if not path.is_absolute() and spec.file and not spec.file.startswith("<"):
+        path = Path(spec.file).resolve().parent / path
+    return str(path)
+
+
+def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterSpec, MethodDef, dict[str, Any]]:
+    """Expand an `import` and check method and options. Returns (adapter, method, coerced options)."""
+    if ad.import_dir is not None and ad.method is None:
+        directory = _resolve_path(ad.import_dir, spec)
+        try:
+            config = read_adapter_config(directory)
+        except PeftcError as e:
+            raise _err(str(e), ad.option_spans.get("import"), spec) from None
+        method = lib.method_for_config(config)
+        if method is None:
+            raise _err(f"{directory}: unsupported peft_type {config.get('peft_type')!r} "
+                       f"(peftc supports {', '.join(lib.peft_types())})", ad.option_spans.get("import"), spec)
+        imported = adapter_from_config(ad.name, directory, config, method, ad.span)
+        imported.merge = ad.merge
+        imported.exclude += ad.exclude
+        imported.option_spans = dict(ad.option_spans)
+        imported.extra_config["__heads"] = task_head_candidates(config)
+        ad = imported
+    else:
+        method = lib.method(ad.method) if ad.method in lib.methods else None
+        if method is None:
+            raise _err(f"unknown method '{ad.method}'{did_you_mean(ad.method, lib.methods)}; "
+                       f"known methods: {', '.join(sorted(lib.methods))}", ad.option_spans.get("method"), spec)
+        if not ad.targets:
+            raise _err(f"adapter '{ad.name}' has no targets: add e.g. `targets q_proj, v_proj` "
+                       "or `targets all-linear`", ad.span, spec)
+    options: dict[str, Any] = {}
+    for key, value in ad.options.items():
+        decl = method.options.get(key)
+        if decl is None or decl.type == "targets":
+            choices = [k for k, d in method.options.items() if d.type != "targets"]
+            raise _err(f"unknown option '{key}' for {method.name}{did_you_mean(key, choices)}; "
+                       f"options: {', '.join(choices)}", ad.option_spans.get(key), spec)
+        try:
+            options[key] = coerce_option(decl, value)
+        except ValueError as e:
+            raise _err(f"option '{key}' of {method.name} {e}", ad.option_spans.get(key), spec) from None
+    for decl in method.options.values():
+        if decl.type != "targets":
+            options.setdefault(decl.name, decl.default)
+    for key in ad.option_targets:
+        decl = method.options.get(key)
+        if decl is None or decl.type != "targets":
+            choices = [k for k, d in method.options.items() if d.type == "targets"]
+            extra = f"; {method.name} takes target lists for: {', '.join(choices)}" if choices else ""
+            raise _err(f"unknown clause '{key}' for {method.name}{did_you_mean(key, choices)}{extra}",
+                       ad.option_spans.get(key), spec)
+    for pp in ad.per_pattern:
+        decl = method.options.get(pp.option)
+        if decl is None or decl.type == "targets":
+            choices = [k for k, d in method.options.items() if d.type in ("int", "float")]
+            raise _err(f"unknown option '{pp.option}' for {method.name}{did_you_mean(pp.option, choices)}",
+                       pp.span, spec)
+        try:
+            pp.value = coerce_option(decl, pp.value)
+        except ValueError as e:
+            raise _err(f"option '{pp.option}' of {method.name} {e}", pp.span, spec) from None
+        try:
+            re.compile(pp.rule.value)
+        except re.error as e:
+            raise _err(f"invalid pattern {pp.rule.value!r}: {e}", pp.rule.span, spec) from None
+    for r in ad.targets + ad.exclude:
+        if r.kind == "regex":
+            try:
+                re.compile(r.value)
+            except re.error as e:
+                raise _err(f"invalid regex /{r.value}/: {e}", r.span, spec) from None
+    return ad, method, options
+
+
+def _near_misses(ad: AdapterSpec, names: list[str]) -> str:
+    suffixes = sorted({n.split(".")[-1] for n in names} | set(names))
+    hints: list[str] = []
+    for r in ad.targets:
+        if r.kind == "name":
+            hints += difflib.get_close_matches(r.value, suffixes, n=3, cutoff=0.5)
+        elif r.kind == "regex":
+            hints += difflib.get_close_matches(r.value.replace("\\", ""), names, n=3, cutoff=0.3)
+    hints = list(dict.fromkeys(hints))[:5]
+    if not hints:
+        hints = [n for n in names][:5]
+        return f"; the model's layers include: {', '.join(hints)}" if hints else ""
+    return f"; nearest module names: {', '.join(hints)}"
+
+
+def _fresh_tensors(prog: SiteProgram, layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None,
+                   dtype: torch.dtype, gen: torch.Generator, loaded: dict[str, torch.Tensor] | None) -> dict:
+    env: dict[str, Any] = dict(prog.env)
+    env["W"] = weight.detach().to(dtype)
+    env["b"] = bias.detach().to(dtype) if bias is not None else None
+    out: dict[str, torch.Tensor] = {}
+    for kind, item in prog.steps:
+        if kind == "let":
+            name, expr = item
+            try:
+                env[name] = evaluate(expr, env)
+            except EvalError:
+                pass
+            continue
+        decl: ParamDecl = item
+        if loaded is not None:
+            t = loaded[decl.name]
+        else:
+            init = evaluate(decl.init, env)
+            if isinstance(init, Init):
+                t = init.make(decl.shape, dtype, gen)
+            elif isinstance(init, torch.Tensor):
+                t = init.detach().to(dtype).reshape(decl.shape).clone()
+            else:
+                raise PeftcError(f"param {decl.name}: init gave {type(init).__name__}, not a tensor")
+        out[decl.name] = t
+        env[decl.name] = t
+    return out
+
+
+def _param_dtype(base: torch.dtype) -> torch.dtype:
+    return torch.float32 if base in (torch.float16, torch.bfloat16) else base
+
+
+def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: bool = False,
+               seed: int = 0, lib: Library | None = None) -> Plan:
+    lib = lib or library()
+    layers = layers_of(model)
+    named = dict(model.named_modules())
+    module_names = [n for n in named if n]
+    params = dict(model.named_parameters())
+    active = spec.active_names()
+    for a in active:
+        if a not in spec.adapters:
+            raise _err(f"'active' names unknown adapter '{a}'{did_you_mean(a, spec.adapters)}",
+                       spec.active_spans.get(a), spec)
+    plan = Plan(layers, {}, {}, train)
+    for idx, (name, raw) in enumerate(spec.adapters.items()):
+        ad, method, options = resolve_adapter(raw, spec, lib)
+        is_active = name in active
+        merge = (ad.merge or merge_all) and is_active
+        from_cfg = ad.import_dir is not None and raw.method is None
+        all_linear = {n for n, l in layers.items() if l.kind in ("linear", "conv1d_hf")}
+        task_type = ad.extra_config.get("task_type")
+        all_linear -= output_layer_names(model, classifier_head=(task_type == "SEQ_CLS") if from_cfg else True)
+        # modules_to_save (a classification head, say): resolve names to modules
+        mts_names = list(ad.modules_to_save)
+        mts: list[str] = []
+        for m in mts_names:
+            hits = [n for n in module_names if n == m or n.endswith("." + m)]
+            if not hits and from_cfg:
+                continue  # peft skips modules_to_save names (task defaults) the model lacks
+            if not hits:
+                raise _err(f"adapter '{name}': modules_to_save '{m}' matches no module{did_you_mean(m, [n.split('.')[-1] for n in module_names])}",
+                           ad.span, spec)
+            mts += hits
+        matched = [n for n in module_names if is_targeted(ad, n, all_linear)]
+        if not matched:
+            where = ad.targets[0].span if ad.targets and ad.targets[0].span else ad.span
+            desc = ", ".join(r.value if r.kind != "regex" else f"/{r.value}/" for r in ad.targets)
+            raise _err(f"adapter '{name}': targets {desc} match no layer of the model"
+                       f"{_near_misses(ad, module_names)}", where, spec)
+        # where weights come from
+        tensors_src: dict[str, torch.Tensor] | None = None
+        src_file = None
+        if ad.weights is not None or from_cfg:
+            directory = _resolve_path(ad.weights, spec) if ad.weights is not None else ad.import_dir
+            try:
+                tensors_src, src_file = read_adapter_tensors(directory)
+            except PeftcError as e:
+                raise _err(str(e), ad.option_spans.get("weights") or ad.option_spans.get("import"), spec) from None
+            if ad.weights is not None and not from_cfg:
+                cfg = None
+                try:
+                    cfg = read_adapter_config(directory)
+                except PeftcError:
+                    pass
+                if cfg is not None:
+                    other = lib.method_for_config(cfg)
+                    if other is not None and other.name != method.name:
+                        raise _err(f"adapter '{name}' is {method.name} but {directory} holds a {other.name} adapter",
+                                   ad.option_spans.get("weights"), spec)
+        used_keys: set[str] = set()
+        gen = torch.Generator().manual_seed(seed + idx)
+        pp_by_opt: dict[str, list[tuple[str, Any]]] = {}
+        for pp in ad.per_pattern:
+            pp_by_opt.setdefault(pp.option, []).append((pp.rule.value, pp.value))
+        for lname in matched:
+            layer = layers.get(lname)
+            kind = layer.kind if layer else layer_kind(named[lname])
+            if layer is None or kind not in method.kinds:
+                what = type(named[lname]).__name__
+                raise _err(f"adapter '{name}': {method.name} does not support layer '{lname}' ({what}); "
+                           f"it supports {', '.join(method.kinds)}", ad.targets[0].span if ad.targets else ad.span, spec)
+            lopts = dict(options)
+            for opt, pats in pp_by_opt.items():
+                hit, val = pattern_value(pats, lname)
+                if hit:
+                    lopts[opt] = val
+            for opt, rules in ad.option_targets.items():
+                lopts[opt] = option_targets_hit(rules, lname)
+            for decl in method.options.values():
+                if decl.type == "targets" and decl.name not in lopts:
+                    lopts[decl.name] = False
+            try:
+                prog = instantiate(method, kind, lopts, dict(layer.dims))
+            except PeftcError as e:
+                raise _err(f"adapter '{name}' on '{lname}': {e.message}", ad.span, spec) from None
+            if merge and not prog.mergeable:
+                raise _err(f"adapter '{name}' cannot be merged into '{lname}' ({method.name} with these options "
+                           "is not mergeable here); drop `merge` / --merge", ad.span, spec)
+            weight = params[layer.weight]
+            w_lin = weight.t() if kind == "conv1d_hf" else weight
+            bias = params.get(layer.bias) if layer.bias else None
+            pdtype = _param_dtype(layer.dtype)
+            loaded = None
+            if tensors_src is not None:
+                loaded = {}
+                for decl in prog.params:
+                    key = f"{PREFIX}{lname}.{decl.saved}"
+                    if key not in tensors_src:
+                        raise PeftcError(f"{src_file}: missing tensor '{key}' (adapter '{name}', {method.name} "
+                                         f"on '{lname}', expected shape {list(decl.shape)})")
+                    t = tensors_src[key]
+                    if tuple(t.shape) != tuple(decl.shape):
+                        raise PeftcError(f"{src_file}: tensor '{key}' has shape {list(t.shape)}, expected "
+                                         f"{list(decl.shape)} (adapter '{name}', {method.name} on '{lname}')")
+                    loaded[decl.name] = t.to(pdtype) if t.is_floating_point() else t
+                    used_keys.add(key)
+            tensors = _fresh_tensors(prog, layer, w_lin, bias, pdtype, gen, loaded)
+            plan.sites.setdefault(lname, []).append(
+                SiteAdapter(name, method, prog, tensors, lopts, merge, is_active))
+        ap = AdapterPlan(ad, method, options, matched, merge=merge, active=is_active,
+                         source="import" if from_cfg else ("weights" if ad.weights else "fresh"))
+        heads = [h for h in ad.extra_config.get("__heads", []) if h not in mts_names]
+        for m in mts + [n for n in module_names if tensors_src is not None and
+                        any(n == h or n.endswith("." + h) for h in heads) and
+                        any(k.startswith(f"{PREFIX}{n}.") and k not in used_keys for k in tensors_src)]:
+            mod = named[m]
+            copy: dict[str, torch.Tensor] = {}
+            for pname, p in mod.named_parameters():
+                key = f"{PREFIX}{m}.{pname}"
+                if tensors_src is not None:
+                    if key not in tensors_src:
+                        raise PeftcError(f"{src_file}: missing tensor '{key}' (modules_to_save '{m}' of adapter '{name}')")
+                    t = tensors_src[key]
+                    if tuple(t.shape) != tuple(p.shape):
+                        raise PeftcError(f"{src_file}: tensor '{key}' has shape {list(t.shape)}, expected {list(p.shape)}")
+                    used_keys.add(key)
+                    copy[pname] = t.to(p.dtype)
+                else:
+                    copy[pname] = p.detach().clone()
+            ap.modules_to_save[m] = copy
+        if tensors_src is not None:
+            extra = sorted(set(tensors_src) - used_keys)
+            if extra:
+                more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+                raise PeftcError(f"{src_file}: unexpected tensor '{extra[0]}'{more}: it matches no layer that "
+                                 f"adapter '{name}' targets (is the checkpoint for another model or config?)")
+        plan.adapters[name] = ap
+    # application order on each layer: merged adapters first (they fold into the base weight)
+    for lname, sas in plan.sites.items():
+        sas.sort(key=lambda sa: (not sa.merge,))
+    return plan

@@ -1,0 +1,131 @@
+"""Small helpers the rewrite passes share: attribute paths on a GraphModule, emitting tagged nodes,
+static (weight-side) shapes, and argument normalisation for pattern matching."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from peftc.ops import TARGET_TO_OP, Op
+
+TAG = "peftc"          # node.meta[TAG] = layer FQN, on every node peftc inserted
+BASE = "peftc_base"    # node.meta[BASE] = FQN of the base parameter a weight/bias expression replaces
+
+
+def get_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def has_path(root: nn.Module, path: str) -> bool:
+    try:
+        get_path(root, path)
+        return True
+    except AttributeError:
+        return False
+
+
+def set_path(root: nn.Module, path: str, value: Any) -> None:
+    """Set a parameter, buffer or submodule at a dotted path, creating empty containers on the way."""
+    *parents, leaf = path.split(".")
+    mod = root
+    for p in parents:
+        if not hasattr(mod, p):
+            mod.add_module(p, nn.Module())
+        mod = getattr(mod, p)
+    if isinstance(value, nn.Parameter):
+        if leaf in mod._buffers:
+            del mod._buffers[leaf]
+        mod.register_parameter(leaf, value)
+    elif isinstance(value, nn.Module):
+        mod.add_module(leaf, value)
+    else:
+        if leaf in mod._parameters:
+            del mod._parameters[leaf]
+        mod.register_buffer(leaf, value)
+
+
+def del_path(root: nn.Module, path: str) -> None:
+    *parents, leaf = path.split(".")
+    mod = get_path(root, ".".join(parents)) if parents else root
+    for d in (mod._parameters, mod._buffers, mod._modules):
+        d.pop(leaf, None)
+
+
+def static_val(gm: fx.GraphModule, v: Any) -> Any:
+    """A meta tensor with v's shape and dtype if v is weight-side (no dynamic dims), else None."""
+    if not isinstance(v, fx.Node):
+        return v
+    if v.op == "get_attr":
+        t = get_path(gm, v.target)
+        return torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else None
+    val = v.meta.get("peftc_val")
+    return val
+
+
+def _all_static(vals: list[Any]) -> bool:
+    return all(not isinstance(v, fx.Node) for v in vals)
+
+
+class GraphBuilder:
+    """Evaluation backend that emits each tensor op as a node before `anchor`, tagged with `site`."""
+
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, site: str, meta_from: fx.Node | None = None) -> None:
+        self.gm = gm
+        self.anchor = anchor
+        self.site = site
+        self.meta_from = meta_from or anchor
+
+    def _finish(self, node: fx.Node, args: list[Any]) -> fx.Node:
+        node.meta[TAG] = self.site
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in self.meta_from.meta:
+                node.meta[key] = self.meta_from.meta[key]
+        vals = [static_val(self.gm, a) if isinstance(a, fx.Node) else a for a in args]
+        if all(not isinstance(a, fx.Node) or v is not None for a, v in zip(args, vals)) and node.op == "call_function":
+            try:
+                node.meta["peftc_val"] = node.target(*vals)
+            except Exception:  # noqa: BLE001 - shape inference is best effort
+                pass
+        return node
+
+    def apply(self, op: Op, target: Any, args: list[Any]) -> fx.Node:
+        g = self.gm.graph
+        with g.inserting_before(self.anchor):
+            if op.module_call:
+                x, module = args
+                node = g.call_module(module, (x,))
+                return self._finish(node, [])
+            node = g.call_function(target, tuple(args))
+        return self._finish(node, list(args))
+
+    def get_attr(self, path: str) -> fx.Node:
+        with self.gm.graph.inserting_before(self.anchor):
+            node = self.gm.graph.get_attr(path)
+        node.meta[TAG] = self.site
+        return node
+
+
+def op_of(node: fx.Node) -> Op | None:
+    if node.op == "call_function":
+        return TARGET_TO_OP.get(node.target)
+    return None
+
+
+def normalized_args(node: fx.Node, op: Op) -> list[Any]:
+    """Positional args padded with the op's defaults to its full arity (kwargs folded in by position)."""
+    args = list(node.args)
+    if op.arity and len(args) < op.arity:
+        missing = op.arity - len(args)
+        args += list(op.defaults[len(op.defaults) - missing:])
+    return args
+
+
+def first_node_after_inputs(gm: fx.GraphModule) -> fx.Node:
+    for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "get_attr"):
+            return n
+    return next(iter(gm.graph.nodes))

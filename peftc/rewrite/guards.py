@@ -1,0 +1,38 @@
+"""Predicates that rule `where` clauses may call. Each sees bound pattern terms (nodes or values)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import fx
+
+from peftc.rewrite.graph_tools import TAG, static_val
+
+
+def guards(gm: fx.GraphModule) -> dict[str, Callable[..., Any]]:
+    def shape(v: Any) -> tuple[int, ...] | None:
+        s = static_val(gm, v)
+        return tuple(s.shape) if s is not None and hasattr(s, "shape") else None
+
+    def scalar(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def column_of(g: Any, v: Any) -> bool:
+        sg, sv = shape(g), shape(v)
+        return sg is not None and sv is not None and len(sv) == 2 and sg == (sv[0], 1)
+
+    def row_of(l_: Any, v: Any) -> bool:
+        sl, sv = shape(l_), shape(v)
+        return sl is not None and sv is not None and len(sv) == 2 and sl == (1, sv[1])
+
+    def adapted(v: Any) -> bool:
+        return isinstance(v, fx.Node) and TAG in v.meta
+
+    def is_none(v: Any) -> bool:
+        return v is None
+
+    def ungrouped(*rest: Any) -> bool:
+        return not rest or rest[-1] == 1
+
+    return {"scalar": scalar, "column_of": column_of, "row_of": row_of, "adapted": adapted,
+            "is_none": is_none, "ungrouped": ungrouped}

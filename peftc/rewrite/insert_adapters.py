@@ -1,0 +1,164 @@
+"""Pass `insert`: put each planned adapter's weight transform into the graph.
+
+For every targeted layer the op that consumes its weight (aten.linear, addmm for GPT-2 Conv1D,
+conv2d, embedding) gets W' = T(W, theta) (and b' if the method declares one) in place of W, built
+from the method's declared expressions. The result is correct but dense: later passes fold merged
+transforms into constants and factor the live ones into their efficient unmerged form.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+from peftc.lang.evaluate import evaluate
+from peftc.manifest import AdapterRecord, Manifest
+from peftc.ops import TENSOR_OPS
+from peftc.plan import Plan
+from peftc.rewrite.graph_tools import BASE, TAG, GraphBuilder, get_path, has_path, normalized_args, set_path
+
+aten = torch.ops.aten
+
+# op that consumes a layer's weight: (target, weight arg index, bias arg index or None)
+SITE_OPS = {
+    "linear": (aten.linear.default, 1, 2),
+    "conv1d_hf": (aten.addmm.default, 2, 0),
+    "conv2d": (aten.conv2d.default, 1, 2),
+    "embedding": (aten.embedding.default, 0, None),
+}
+
+
+def param_path(layer: str, saved: str, adapter: str) -> str:
+    """peft's in-memory name: 'lora_A.weight' -> '<layer>.lora_A.<adapter>.weight', 'ia3_l' -> '<layer>.ia3_l.<adapter>'."""
+    head, dot, leaf = saved.rpartition(".")
+    if dot and leaf in ("weight", "bias"):
+        return f"{layer}.{head}.{adapter}.{leaf}"
+    return f"{layer}.{saved}.{adapter}"
+
+
+def _site_nodes(gm: fx.GraphModule, kind: str, weight_fqn: str) -> list[fx.Node]:
+    target, widx, _ = SITE_OPS[kind]
+    if not has_path(gm, weight_fqn):
+        return []
+    wt = get_path(gm, weight_fqn)
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and get_path(gm, n.target) is wt:
+            out += [u for u in n.users if u.op == "call_function" and u.target is target
+                    and len(u.args) > widx and u.args[widx] is n]
+    return out
+
+
+def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
+    def run(gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for name, ap in plan.adapters.items():
+            manifest.adapters[name] = AdapterRecord(name, ap.method.name, dict(ap.options), {}, {},
+                                                    merged=ap.merge, active=ap.active,
+                                                    extra_config={k: v for k, v in ap.spec.extra_config.items()
+                                                                  if not k.startswith("__")})
+        for lname, sas in plan.sites.items():
+            layer = plan.layers[lname]
+            # register every adapter tensor once per layer
+            paths: dict[tuple[str, str], str] = {}
+            for sa in sas:
+                rec = manifest.adapters[sa.adapter]
+                rec.tensors[lname] = {}
+                rec.layer_options[lname] = dict(sa.layer_options)
+                for decl in sa.program.params:
+                    path = param_path(lname, decl.saved, sa.adapter)
+                    live = sa.active and not sa.merge
+                    t = sa.tensors[decl.name]
+                    p = nn.Parameter(t, requires_grad=live and t.is_floating_point())
+                    set_path(gm, path, p)
+                    manifest.registered.add(path)
+                    if live:
+                        manifest.live.add(path)
+                    rec.tensors[lname][decl.saved] = p
+                    paths[(sa.adapter, decl.name)] = path
+                if sa.active and not sa.merge and plan.train and sa.program.dropout:
+                    p_drop, stem = sa.program.dropout
+                    mpath = f"{lname}.{stem}.{sa.adapter}"
+                    set_path(gm, mpath, nn.Dropout(p_drop))
+                    manifest.registered.add(mpath)
+            nodes = _site_nodes(gm, layer.kind, layer.weight)
+            for sn in nodes:
+                modified |= _rewrite_site(gm, sn, layer, [sa for sa in sas if sa.active], paths, plan.train)
+        for name, ap in plan.adapters.items():
+            rec = manifest.adapters[name]
+            for mod, params in ap.modules_to_save.items():
+                rec.modules_to_save[mod] = {}
+                for pname, t in params.items():
+                    path = f"{mod}.modules_to_save.{name}.{pname}"
+                    live = ap.active and not ap.merge
+                    p = nn.Parameter(t.clone(), requires_grad=live)
+                    set_path(gm, path, p)
+                    manifest.registered.add(path)
+                    if live:
+                        manifest.live.add(path)
+                    rec.modules_to_save[mod][pname] = p
+                    if not ap.active:
+                        continue
+                    base_t = get_path(gm, f"{mod}.{pname}")
+                    for n in list(gm.graph.nodes):
+                        if n.op == "get_attr" and n.target != path and get_path(gm, n.target) is base_t:
+                            with gm.graph.inserting_before(n):
+                                new = gm.graph.get_attr(path)
+                            new.meta.update(n.meta)
+                            n.replace_all_uses_with(new)
+                            modified = True
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, modified)
+
+    return run
+
+
+def _rewrite_site(gm: fx.GraphModule, sn: fx.Node, layer: Any, sas: list, paths: dict, train: bool) -> bool:
+    if not sas:
+        return False
+    _, widx, bidx = SITE_OPS[layer.kind]
+    b = GraphBuilder(gm, sn, layer.name)
+    args = list(sn.args)
+    if layer.kind == "conv2d":
+        from peftc.ops import TENSOR_OPS as OPS
+        args = normalized_args(sn, OPS["conv2d"])
+    wnode = args[widx]
+    bnode = args[bidx] if bidx is not None and len(args) > bidx else None
+    w_cur: Any = b.apply(TENSOR_OPS["t"], aten.t.default, [wnode]) if layer.kind == "conv1d_hf" else wnode
+    b_cur: Any = bnode
+    for sa in sas:
+        prog = sa.program
+        env: dict[str, Any] = dict(prog.env)
+        for decl in prog.params:
+            node = b.get_attr(paths[(sa.adapter, decl.name)])
+            t = sa.tensors[decl.name]
+            if t.is_floating_point() and t.dtype != layer.dtype:
+                node = b.apply(TENSOR_OPS["cast"], TENSOR_OPS["cast"].target, [node, layer.dtype])
+            env[decl.name] = node
+        env["W"], env["b"] = w_cur, b_cur
+        for name, expr in prog.lets:
+            env[name] = evaluate(expr, env, b)
+        w_new = evaluate(prog.weight, env, b) if prog.weight is not None else w_cur
+        b_new = evaluate(prog.bias, env, b) if prog.bias is not None else b_cur
+        if train and prog.dropout and not sa.merge and w_new is not w_cur:
+            mpath = f"{layer.name}.{prog.dropout[1]}.{sa.adapter}"
+            delta = b.apply(TENSOR_OPS["sub"], aten.sub.Tensor, [w_new, w_cur])
+            marked = b.apply(TENSOR_OPS["dropin"], TENSOR_OPS["dropin"].target, [delta, mpath])
+            w_new = b.apply(TENSOR_OPS["add"], aten.add.Tensor, [w_cur, marked])
+        w_cur, b_cur = w_new, b_new
+    w_out = b.apply(TENSOR_OPS["t"], aten.t.default, [w_cur]) if layer.kind == "conv1d_hf" else w_cur
+    if w_out is not wnode:
+        w_out.meta[BASE] = layer.weight
+        args[widx] = w_out
+    if b_cur is not bnode and bidx is not None:
+        if bnode is not None and isinstance(b_cur, fx.Node):
+            b_cur.meta[BASE] = layer.bias
+        while len(args) <= bidx:
+            args.append(None)
+        args[bidx] = b_cur
+    sn.args = tuple(args)
+    sn.meta[TAG] = layer.name
+    return True

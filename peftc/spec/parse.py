@@ -1,0 +1,167 @@
+"""Spec text -> AdapterSpecs (syntax only; names and options are checked in spec.check)."""
+from __future__ import annotations
+
+import ast as pyast
+from pathlib import Path
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from peftc.errors import PeftcError
+from peftc.resources import grammar_text
+from peftc.spec.model import AdapterSpec, PerPattern, Span, Spec, TargetRule
+
+_parser: Lark | None = None
+
+_TOKEN_WORDS = {
+    "NAME": "a name", "MODNAME": "a module name", "STRING": "a string", "REGEX": "a /regex/",
+    "INT": "an integer", "SIGNED_NUMBER": "a number", "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('",
+    "RPAR": "')'", "COMMA": "','", "COLON": "':'", "EQUAL": "'='",
+}
+
+
+def spec_parser() -> Lark:
+    global _parser
+    if _parser is None:
+        _parser = Lark(grammar_text("spec.lark"), parser="lalr", propagate_positions=True)
+    return _parser
+
+
+def _expected(e: UnexpectedInput) -> str:
+    exp = sorted(getattr(e, "expected", None) or getattr(e, "allowed", None) or [])
+    words = [_TOKEN_WORDS.get(t, repr(t.lower().strip('"')) if t.isupper() else t) for t in exp]
+    words = sorted(set(words))
+    if not words:
+        return ""
+    if len(words) > 6:
+        words = words[:6] + ["..."]
+    return "; expected " + ", ".join(words)
+
+
+def _literal(tok: Token | Tree) -> object:
+    if isinstance(tok, Tree):
+        kind = tok.data
+        if kind in ("true", "false"):
+            return kind == "true"
+        tok = tok.children[0]
+        if kind == "number":
+            text = str(tok)
+            return float(text) if any(c in text for c in ".eE") else int(text)
+        if kind == "string":
+            return pyast.literal_eval(str(tok))
+    return str(tok)
+
+
+def parse_spec(text: str, file: str = "<spec>") -> Spec:
+    """Parse spec text. Syntax errors raise PeftcError with file:line:col and a caret."""
+    try:
+        tree = spec_parser().parse(text)
+    except UnexpectedToken as e:
+        got = "end of file" if e.token.type == "$END" else repr(str(e.token))
+        raise PeftcError(f"syntax error: unexpected {got}{_expected(e)}", file=file, line=e.line,
+                         column=e.column, source=text) from None
+    except UnexpectedCharacters as e:
+        raise PeftcError(f"syntax error: unexpected character {text[e.pos_in_stream]!r}{_expected(e)}",
+                         file=file, line=e.line, column=e.column, source=text) from None
+    except UnexpectedEOF as e:
+        lines = text.splitlines() or [""]
+        raise PeftcError(f"syntax error: unexpected end of file{_expected(e)}", file=file, line=len(lines),
+                         column=len(lines[-1]) + 1, source=text) from None
+    except UnexpectedInput as e:
+        raise PeftcError("syntax error", file=file, line=e.line, column=e.column, source=text) from None
+
+    def span(node: Tree | Token) -> Span:
+        if isinstance(node, Token):
+            return Span(file, node.line or 0, node.column or 0)
+        return Span(file, getattr(node.meta, "line", 0), getattr(node.meta, "column", 0))
+
+    def target(node: Tree) -> TargetRule:
+        if node.data == "all_linear":
+            return TargetRule("all-linear", "all-linear", span(node))
+        tok = node.children[0]
+        if node.data == "regex_target":
+            return TargetRule("regex", str(tok)[1:-1].replace("\\/", "/"), span(tok))
+        value = pyast.literal_eval(str(tok)) if tok.type == "STRING" else str(tok)
+        return TargetRule("name", value, span(tok))
+
+    spec = Spec(file, text, {})
+    for st in tree.children:
+        if st.data == "active":
+            spec.active = [str(t) for t in st.children]
+            spec.active_spans = {str(t): span(t) for t in st.children}
+            continue
+        name_tok, source, block = st.children
+        name = str(name_tok)
+        if name in spec.adapters:
+            raise PeftcError(f"adapter '{name}' is declared twice", file=file, line=name_tok.line,
+                             column=name_tok.column, source=text)
+        ad = AdapterSpec(name, span(name_tok))
+        if source.data == "import_source":
+            ad.import_dir = pyast.literal_eval(str(source.children[0]))
+            ad.option_spans["import"] = span(source.children[0])
+        else:
+            ad.method = str(source.children[0])
+            ad.option_spans["method"] = span(source.children[0])
+            for opt in source.children[1:]:
+                if opt is None:
+                    continue
+                key_tok, val = opt.children
+                key = str(key_tok)
+                if key in ad.options:
+                    raise PeftcError(f"option '{key}' given twice", file=file, line=key_tok.line,
+                                     column=key_tok.column, source=text)
+                ad.options[key] = _literal(val)
+                ad.option_spans[key] = span(key_tok)
+        for cl in (block.children if block is not None else []):
+            k = cl.data
+            if k == "targets":
+                ad.targets += [target(c) for c in cl.children]
+            elif k == "exclude":
+                ad.exclude += [target(c) for c in cl.children]
+            elif k == "layers":
+                ints = [int(str(c)) for c in cl.children if isinstance(c, Token) and c.type == "INT"]
+                pats = [str(c) for c in cl.children if isinstance(c, Token) and c.type == "MODNAME"]
+                ad.layers = (ad.layers or []) + ints
+                if pats:
+                    ad.layers_pattern = pats
+            elif k == "modules_to_save":
+                ad.modules_to_save += [str(c) for c in cl.children]
+            elif k == "weights":
+                ad.weights = pyast.literal_eval(str(cl.children[0]))
+                ad.option_spans["weights"] = span(cl.children[0])
+            elif k == "merge":
+                ad.merge = True
+            elif k == "per_pattern":
+                opt_tok, tgt, val = cl.children
+                rule = target(tgt)
+                if rule.kind == "all-linear":
+                    raise PeftcError("'all-linear' cannot select a per-layer value", file=file,
+                                     line=rule.span.line, column=rule.span.column, source=text)
+                # rank_pattern semantics: the key matches a dot-suffix of the name, as a regex
+                key = rule.value if rule.kind == "regex" else _escape_name(rule.value)
+                ad.per_pattern.append(PerPattern(str(opt_tok), TargetRule("pattern", key, rule.span),
+                                                 _literal(val), span(opt_tok)))
+            elif k == "option_targets":
+                opt_tok = cl.children[0]
+                ad.option_targets.setdefault(str(opt_tok), []).extend(target(c) for c in cl.children[1:])
+                ad.option_spans[str(opt_tok)] = span(opt_tok)
+        spec.adapters[name] = ad
+    return spec
+
+
+def _escape_name(name: str) -> str:
+    import re
+    return re.escape(name)
+
+
+def read_spec(path: str | Path) -> Spec:
+    p = Path(path)
+    if not p.exists():
+        raise PeftcError(f"spec file not found: {p}")
+    if p.is_dir():
+        raise PeftcError(f"{p} is a directory, not a .peft spec file")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PeftcError(f"cannot read spec file {p}: {e}") from None
+    return parse_spec(text, str(p))

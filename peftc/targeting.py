@@ -1,0 +1,164 @@
+"""Which layers of a model an adapter targets, with PEFT's matching semantics exactly.
+
+* a name matches a module whose full name equals it, or ends with "." + name;
+* a regex must match the whole module name (re.fullmatch);
+* `all-linear`: every nn.Linear / Conv1D except the output layer (for a classification model with no
+  output embeddings: its `score` / `classifier` head), expanded to full names;
+* exclude uses the same rules; modules_to_save are never targeted;
+* layers_to_transform / layers_pattern filter only the name-suffix branch (as in peft): the layer
+  index is the first numbered segment after `<pattern>.` (or after any segment when no pattern).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftc.spec.model import AdapterSpec, TargetRule
+
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+
+
+@dataclass
+class Layer:
+    """A layer an adapter can attach to."""
+    name: str
+    kind: str                 # linear | conv1d_hf | conv2d | embedding
+    module_type: str
+    weight: str               # FQN of the weight parameter
+    bias: str | None
+    dims: dict[str, Any] = field(default_factory=dict)
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.float32
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return "conv1d_hf"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def layers_of(model: nn.Module) -> dict[str, Layer]:
+    out: dict[str, Layer] = {}
+    for name, mod in model.named_modules():
+        kind = layer_kind(mod)
+        if kind is None or not name:
+            continue
+        w = mod.weight
+        has_bias = getattr(mod, "bias", None) is not None
+        if kind == "linear":
+            dims = {"in": mod.in_features, "out": mod.out_features}
+        elif kind == "conv1d_hf":
+            dims = {"in": w.shape[0], "out": w.shape[1]}
+        elif kind == "conv2d":
+            dims = {"in": mod.in_channels, "out": mod.out_channels, "kh": mod.kernel_size[0],
+                    "kw": mod.kernel_size[1], "groups": mod.groups}
+        else:
+            dims = {"in": mod.num_embeddings, "out": mod.embedding_dim}
+        dims.setdefault("groups", 1)
+        dims["has_bias"] = has_bias
+        out[name] = Layer(name, kind, type(mod).__name__, f"{name}.weight", f"{name}.bias" if has_bias else None,
+                          dims, tuple(w.shape), w.dtype)
+    return out
+
+
+def output_layer_names(model: nn.Module, classifier_head: bool = True) -> set[str]:
+    """The output head `all-linear` leaves out, as peft does: a Hugging Face model's output embeddings,
+    else (for classification, `classifier_head`) its `score` / `classifier` module."""
+    names: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = None
+    if callable(get_out):
+        try:
+            out_emb = get_out()
+        except Exception:  # noqa: BLE001 - some models raise NotImplementedError
+            out_emb = None
+    if out_emb is not None:
+        for n, m in model.named_modules():
+            if m is out_emb:
+                names.add(n)
+                break
+    elif classifier_head and hasattr(model, "config"):
+        for head in SEQ_CLS_HEAD_NAMES:
+            mod = getattr(model, head, None)
+            if isinstance(mod, nn.Module):
+                for n, m in model.named_modules():
+                    if m is mod:
+                        names.add(n)
+                break
+    return names
+
+
+def _name_hit(rule_value: str, key: str) -> bool:
+    return key == rule_value or key.endswith("." + rule_value)
+
+
+def _layer_index_ok(key: str, layers: list[int] | None, patterns: list[str] | None) -> bool:
+    if not layers:
+        return True
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for p in patterns:
+            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    return match is not None and int(match.group("idx")) in layers
+
+
+def rule_hits(rules: list[TargetRule], key: str, all_linear: set[str]) -> bool:
+    """Does a list of exclude-style rules hit `key` (no layer filter)?"""
+    for r in rules:
+        if r.kind == "regex" and re.fullmatch(r.value, key):
+            return True
+        if r.kind == "name" and _name_hit(r.value, key):
+            return True
+        if r.kind == "all-linear" and key in all_linear:
+            return True
+    return False
+
+
+def is_targeted(ad: AdapterSpec, key: str, all_linear: set[str]) -> bool:
+    if ad.exclude and rule_hits(ad.exclude, key, all_linear):
+        return False
+    if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in ad.modules_to_save):
+        return False
+    for r in ad.targets:
+        if r.kind == "regex" and re.fullmatch(r.value, key):
+            return True
+        if r.kind == "all-linear" and key in all_linear:
+            return True  # an exact full-name hit: peft applies no layer filter here
+    names = [r.value for r in ad.targets if r.kind == "name"]
+    if key in names:
+        return True
+    if any(key.endswith("." + n) for n in names):
+        return _layer_index_ok(key, ad.layers, ad.layers_pattern)
+    return False
+
+
+def pattern_value(patterns: list[tuple[str, Any]], key: str) -> tuple[bool, Any]:
+    """peft's rank_pattern / alpha_pattern lookup: the first key with re.match(rf"(.*\\.)?({k})$") wins."""
+    for k, v in patterns:
+        if re.match(rf"(.*\.)?({k})$", key):
+            return True, v
+    return False, None
+
+
+def option_targets_hit(rules: list[TargetRule], key: str) -> bool:
+    """Targets-typed method options (IA3 feedforward_modules): regex fullmatch, or the name ends with it."""
+    for r in rules:
+        if r.kind == "regex" and re.fullmatch(r.value, key):
+            return True
+        if r.kind == "name" and key.endswith(r.value):
+            return True
+    return False
