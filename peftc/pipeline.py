@@ -81,6 +81,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
             dump(f"# graph after pass '{name}'\n{gm.graph}")
     gm.peftc = manifest
     gm.peftc_inputs = dict(loaded.inputs)
+    gm.peftc_layer_kinds = {name: layer.kind for name, layer in plan.layers.items()}
     gm.train(train)
     return Compiled(gm, plan, loaded, rule_log=rule_log)
 

@@ -1,0 +1,173 @@
+"""The `peftc` command line (argparse: in the standard library, and enough for a handful of subcommands).
+
+    peftc compile SPEC MODEL -o OUT.pt2 [--merge] [--train] [--dump-after PASS]
+    peftc export  SPEC MODEL -o OUT.onnx [--merge] [--no-check]
+    peftc save    SPEC MODEL -o DIR            (PEFT checkpoint of the spec's adapters)
+    peftc check   SPEC MODEL
+    peftc inspect MODEL
+    peftc import  ADAPTER_DIR... -o SPEC
+
+Bad input prints one message (file:line:col where known) and exits 1, with no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+
+from peftc.errors import PeftcError
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for name in ("torch", "torch.export", "torch.onnx", "torch._dynamo", "onnxscript", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--example-input", action="append", metavar="NAME=SHAPE[:DTYPE]",
+                   help="example input for tracing, repeatable (e.g. x=9x10:float32, input_ids=2x16:int64)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="peftc", description="Compile parameter-efficient fine-tuning adapters.")
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def spec_model(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("spec", help=".peft spec file")
+        p.add_argument("model", help="HF model directory, file.py:callable, package.module:callable, or a built-in "
+                                     "name (peftc inspect --builtins)")
+        _model_args(p)
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+        return p
+
+    p = spec_model("compile", "compile a spec onto a model and write a .pt2 (torch.export) file")
+    p.add_argument("-o", "--output", required=True, help="output .pt2 path")
+    p.add_argument("--merge", action="store_true", help="fold every active adapter into the base weights")
+    p.add_argument("--train", action="store_true", help="compile for training (adapter dropout active)")
+    p.add_argument("--dump-after", metavar="PASS", help="print the graph after PASS (insert, fold, factor, dce)")
+
+    p = spec_model("export", "compile a spec onto a model and write ONNX, checked in onnxruntime")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path")
+    p.add_argument("--merge", action="store_true", help="fold every active adapter into the base weights")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    p.add_argument("--tol", type=float, default=1e-4, help="max abs diff allowed between onnxruntime and torch")
+    p.add_argument("--dump-after", metavar="PASS", help="print the graph after PASS")
+
+    p = spec_model("save", "write the spec's adapters as a PEFT checkpoint (adapter_config.json + safetensors)")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+
+    spec_model("check", "show what each adapter matches and its parameter counts; write nothing")
+
+    p = sub.add_parser("inspect", help="list a model's targetable layers")
+    p.add_argument("model", nargs="?", help="model reference (omit with --builtins)")
+    p.add_argument("--builtins", action="store_true", help="list the built-in models")
+    _model_args(p)
+    p.add_argument("--quiet", "-q", action="store_true")
+
+    p = sub.add_parser("import", help="write a spec that loads PEFT checkpoint directories")
+    p.add_argument("adapters", nargs="+", help="PEFT checkpoint directories")
+    p.add_argument("-o", "--output", required=True, help="output .peft spec")
+    p.add_argument("--merge", action="store_true", help="mark the imported adapters as merged")
+    p.add_argument("--quiet", "-q", action="store_true")
+    return ap
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from peftc.progress import set_quiet
+    set_quiet(args.quiet)
+    if args.cmd == "import":
+        from peftc.importer import import_spec
+        text = import_spec(args.adapters, args.output, merge=args.merge)
+        n = text.count("\nadapter ")
+        _say(args.quiet, f"wrote {args.output} ({n} adapter{'s' if n != 1 else ''})")
+        return 0
+    if args.cmd == "inspect":
+        from peftc.builtin_models import BUILTINS
+        if args.builtins or not args.model:
+            for name, (_, desc) in BUILTINS.items():
+                print(f"{name:12s} {desc}")
+            return 0
+        from peftc.models import load_model
+        from peftc.report import inspect_report
+        print(inspect_report(load_model(args.model, args.example_input).module))
+        return 0
+    if args.cmd == "check":
+        from peftc.models import load_model
+        from peftc.pipeline import load_spec
+        from peftc.plan import build_plan
+        from peftc.report import check_report
+        spec = load_spec(args.spec)
+        loaded = load_model(args.model, args.example_input)
+        print(check_report(build_plan(spec, loaded.module), loaded.module))
+        print("ok: no errors")
+        return 0
+    from peftc.pipeline import compile_model
+    t0 = time.perf_counter()
+    merge = getattr(args, "merge", False)
+    compiled = compile_model(args.spec, args.model, merge=merge, train=getattr(args, "train", False),
+                             example_inputs=args.example_input, dump_after=getattr(args, "dump_after", None))
+    t_compile = time.perf_counter() - t0
+    gm = compiled.gm
+    n_layers = sum(len(ap.layers) for ap in compiled.plan.adapters.values())
+    summary = f"{len(compiled.plan.adapters)} adapter(s) on {n_layers} layer(s), {'merged' if merge else 'unmerged'}"
+    if args.cmd == "compile":
+        from peftc.emit.pt2 import save_pt2
+        from peftc.progress import step
+        with step("Writing .pt2"):
+            save_pt2(gm, args.output)
+        _say(args.quiet, f"wrote {args.output}: {summary} (compile {t_compile:.1f}s, total {time.perf_counter() - t0:.1f}s)")
+        return 0
+    if args.cmd == "export":
+        from peftc.emit.onnx import export_onnx
+        from peftc.progress import step
+        with step("Exporting ONNX and checking it in onnxruntime"):
+            result = export_onnx(gm, args.output, check=not args.no_check, tol=args.tol, config=compiled.model.config)
+        line = f"wrote {args.output}: {summary} (total {time.perf_counter() - t0:.1f}s)"
+        if result is not None:
+            shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result.input_shapes.items())
+            line += f"\nonnxruntime check: max abs diff {result.max_abs_diff:.2e} vs torch ({shapes})"
+        print(line)
+        return 0
+    if args.cmd == "save":
+        from peftc.emit.checkpoint import save_adapter
+        dirs = save_adapter(gm, args.output)
+        _say(args.quiet, "wrote " + ", ".join(str(d) for d in dirs))
+        return 0
+    raise AssertionError(args.cmd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return _run(args)
+    except PeftcError as e:
+        print(f"peftc: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("peftc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last line of defence: a message, not a traceback
+        if os.environ.get("PEFTC_DEBUG"):
+            raise
+        print(f"peftc: internal error: {type(e).__name__}: {e}\n(set PEFTC_DEBUG=1 for a traceback, and please "
+              "report it)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

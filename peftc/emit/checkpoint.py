@@ -1,0 +1,86 @@
+"""Emit PEFT checkpoints from a compiled GraphModule (`save_adapter`): adapter_config.json +
+adapter_model.safetensors per adapter, loadable by peft's PeftModel.from_pretrained and by
+transformers' load_adapter. The only adapter (or the one named 'default') goes at the root of the
+directory; other adapters go to a subfolder named after them, as peft does."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx
+
+from peftc.checkpoint import PREFIX, pattern_key_for, write_checkpoint
+from peftc.errors import PeftcError
+from peftc.library import library
+from peftc.manifest import AdapterRecord, Manifest
+
+
+def _config_value(decl: Any, value: Any) -> Any:
+    for cfg_value, opt_value in decl.values.items():
+        if opt_value == value:
+            return cfg_value
+    return value
+
+
+def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str, str] | None = None) -> dict:
+    method = library().method(rec.method)
+    cfg: dict[str, Any] = {"peft_type": method.peft_type, **method.fixed_config}
+    layers = sorted(rec.tensors)
+    per_layer: dict[str, dict[str, Any]] = {}
+    for decl in method.options.values():
+        if decl.config_key is None:
+            continue
+        if decl.type == "targets":
+            cfg[decl.config_key] = sorted(l for l in layers if rec.layer_options.get(l, {}).get(decl.name))
+            continue
+        value = rec.options.get(decl.name, decl.default)
+        cfg[decl.config_key] = _config_value(decl, value)
+        for l in layers:
+            lv = rec.layer_options.get(l, {}).get(decl.name, value)
+            if lv != value:
+                per_layer.setdefault(decl.config_key, {})[pattern_key_for(l)] = lv
+    cfg["target_modules"] = layers
+    if method.peft_type == "LORA":
+        cfg["rank_pattern"] = per_layer.get("r", {})
+        cfg["alpha_pattern"] = per_layer.get("lora_alpha", {})
+        cfg["bias"] = "none"
+    kinds = layer_kinds or {}
+    cfg["fan_in_fan_out"] = any(kinds.get(l) == "conv1d_hf" for l in layers)
+    cfg["modules_to_save"] = sorted(rec.modules_to_save) or None
+    cfg["inference_mode"] = True
+    cfg["task_type"] = rec.extra_config.get("task_type")
+    cfg["base_model_name_or_path"] = rec.extra_config.get("base_model_name_or_path", manifest.base_model_name_or_path)
+    cfg["revision"] = rec.extra_config.get("revision")
+    return cfg
+
+
+def adapter_tensors(rec: AdapterRecord) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for layer, tensors in rec.tensors.items():
+        for saved, t in tensors.items():
+            out[f"{PREFIX}{layer}.{saved}"] = t.detach()
+    for mod, params in rec.modules_to_save.items():
+        for pname, t in params.items():
+            out[f"{PREFIX}{mod}.{pname}"] = t.detach()
+    return out
+
+
+def save_adapter(gm: fx.GraphModule, directory: str | Path, adapters: list[str] | None = None) -> list[Path]:
+    """Write the adapters of a compiled GraphModule as PEFT checkpoints; returns the folders written."""
+    manifest: Manifest | None = getattr(gm, "peftc", None)
+    if manifest is None:
+        raise PeftcError("this GraphModule was not compiled by peftc (no adapter manifest)")
+    names = adapters or list(manifest.adapters)
+    unknown = [n for n in names if n not in manifest.adapters]
+    if unknown:
+        raise PeftcError(f"no adapter named {unknown[0]!r}; this graph has {', '.join(manifest.adapters)}")
+    kinds = getattr(gm, "peftc_layer_kinds", {})
+    root = Path(directory)
+    written = []
+    for name in names:
+        rec = manifest.adapters[name]
+        sub = root if len(names) == 1 or name == "default" else root / name
+        write_checkpoint(sub, adapter_config(rec, manifest, kinds), adapter_tensors(rec))
+        written.append(sub)
+    return written

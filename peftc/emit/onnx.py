@@ -1,0 +1,102 @@
+"""Emit ONNX (torch.onnx.export with dynamo=True, dynamic batch/sequence axes) and check it in onnxruntime
+against the torch graph on a fresh input of another batch size and length. Models over 2 GB use ONNX
+external data. Written atomically: a temp folder, then rename."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from peftc.errors import PeftcError
+from peftc.models import fresh_like
+from peftc.trace import dynamic_shapes_for
+
+TWO_GB = 2 * 1024**3
+
+
+@dataclass
+class OnnxCheck:
+    max_abs_diff: float
+    outputs: int
+    input_shapes: dict[str, list[int]]
+
+
+def flat_outputs(out: Any) -> list[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def ort_session(path: str | Path) -> Any:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    sess = ort_session(path)
+    names = [i.name for i in sess.get_inputs()]
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise PeftcError(f"{path}: ONNX inputs {missing} have no value")
+    return sess.run(None, {n: inputs[n].numpy() for n in names})
+
+
+def check_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor], tol: float) -> OnnxCheck:
+    was = gm.training
+    gm.eval()
+    with torch.no_grad():
+        want = flat_outputs(gm(**inputs))
+    gm.train(was)
+    got = run_onnx(path, inputs)
+    if len(got) != len(want):
+        raise PeftcError(f"{path}: onnxruntime gave {len(got)} outputs, torch {len(want)}")
+    diff = 0.0
+    for g, w in zip(got, want):
+        if tuple(g.shape) != tuple(w.shape):
+            raise PeftcError(f"{path}: onnxruntime output shape {list(g.shape)} != torch {list(w.shape)}")
+        if w.is_floating_point():
+            diff = max(diff, float(np.abs(g.astype(np.float64) - w.double().numpy()).max()) if g.size else 0.0)
+        elif not np.array_equal(g, w.numpy()):
+            diff = float("inf")
+    if diff > tol:
+        raise PeftcError(f"{path}: onnxruntime disagrees with torch: max abs diff {diff:.3e} > {tol:.0e}")
+    return OnnxCheck(diff, len(want), {k: list(v.shape) for k, v in inputs.items()})
+
+
+def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None,
+                *, check: bool = True, tol: float = 1e-4, config: Any = None) -> OnnxCheck | None:
+    path = Path(path)
+    inputs = inputs if inputs is not None else gm.peftc_inputs
+    nbytes = sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))
+    external = nbytes > TWO_GB
+    was = gm.training
+    gm.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp = tmpdir / path.name
+        try:
+            prog = torch.onnx.export(gm, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs),
+                                     dynamo=True, external_data=external, verbose=False)
+            prog.save(str(tmp), external_data=external)
+        except PeftcError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise PeftcError(f"ONNX export failed: {type(e).__name__}: {first}") from None
+        finally:
+            gm.train(was)
+        result = check_onnx(gm, tmp, fresh_like(inputs, config), tol) if check else None
+        for f in tmpdir.iterdir():
+            os.replace(f, path.parent / f.name)
+        return result
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

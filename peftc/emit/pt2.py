@@ -1,0 +1,41 @@
+"""Emit a compiled GraphModule as a .pt2 file (torch.export.save), written atomically."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from peftc.errors import PeftcError
+from peftc.trace import dynamic_shapes_for
+
+
+def export_graph(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
+    """Re-export the rewritten graph (inference mode) with the same dynamic axes."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        return torch.export.export(gm, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs), strict=False)
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise PeftcError(f"re-exporting the adapted graph failed: {type(e).__name__}: {first}") from None
+    finally:
+        gm.train(was_training)
+
+
+def save_pt2(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None) -> Path:
+    path = Path(path)
+    inputs = inputs if inputs is not None else gm.peftc_inputs
+    ep = export_graph(gm, inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pt2", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.export.save(ep, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
