@@ -40,7 +40,9 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     p = _adapter_dir(path)
     f = p / CONFIG_NAME
     if not f.exists():
-        raise PeftcError(f"{p}: no {CONFIG_NAME} (not a PEFT checkpoint directory)")
+        subs = sorted(d.name for d in p.iterdir() if (d / CONFIG_NAME).exists()) if p.is_dir() else []
+        hint = f"; it holds adapters in subfolders: {', '.join(subs)} (use e.g. \"{p / subs[0]}\")" if subs else ""
+        raise PeftcError(f"{p}: no {CONFIG_NAME} (not a PEFT checkpoint directory){hint}")
     try:
         cfg = json.loads(f.read_text())
     except json.JSONDecodeError as e:
@@ -61,7 +63,8 @@ def read_adapter_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], Pat
         try:
             return load_file(str(st)), st
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise PeftcError(f"{st}: corrupt or truncated safetensors file ({str(e).strip() or type(e).__name__})") from None
+            reason = str(e).strip() or type(e).__name__
+            raise PeftcError(f"{st}: corrupt or truncated safetensors file ({reason})") from None
     if binf.exists():
         try:
             sd = torch.load(str(binf), map_location="cpu", weights_only=True)

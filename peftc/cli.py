@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .pt2 path")
     p.add_argument("--merge", action="store_true", help="fold every active adapter into the base weights")
     p.add_argument("--train", action="store_true", help="compile for training (adapter dropout active)")
-    p.add_argument("--dump-after", metavar="PASS", help="print the graph after PASS (insert, fold, factor, dce)")
+    p.add_argument("--dump-after", metavar="PASS", help="print the graph after PASS (insert, fold, factor, cse, dce)")
 
     p = spec_model("export", "compile a spec onto a model and write ONNX, checked in onnxruntime")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")
@@ -129,7 +129,8 @@ def _run(args: argparse.Namespace) -> int:
         from peftc.progress import step
         with step("Writing .pt2"):
             save_pt2(gm, args.output)
-        _say(args.quiet, f"wrote {args.output}: {summary} (compile {t_compile:.1f}s, total {time.perf_counter() - t0:.1f}s)")
+        total = time.perf_counter() - t0
+        _say(args.quiet, f"wrote {args.output}: {summary} (compile {t_compile:.1f}s, total {total:.1f}s)")
         return 0
     if args.cmd == "export":
         from peftc.emit.onnx import export_onnx

@@ -190,7 +190,8 @@ def load_model(ref: str | nn.Module, example_inputs: list[str] | dict[str, torch
         try:
             module = fn() if not isinstance(fn, nn.Module) else fn
         except Exception as e:  # noqa: BLE001 - user code
-            raise PeftcError(f"model {ref!r}: calling {ref.rpartition(':')[2]}() failed: {type(e).__name__}: {e}") from None
+            fn_name = ref.rpartition(":")[2]
+            raise PeftcError(f"model {ref!r}: calling {fn_name}() failed: {type(e).__name__}: {e}") from None
         if not isinstance(module, nn.Module):
             raise PeftcError(f"model {ref!r}: returned {type(module).__name__}, not a torch.nn.Module")
         module = module.eval()

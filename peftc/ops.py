@@ -27,6 +27,21 @@ def conv_lowrank(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
 
 
+def col_norm(v: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each column of a 2-d weight (over the first dim): DoRA on an embedding table."""
+    return torch.linalg.vector_norm(v, 2, dim=0)
+
+
+def scale_rows(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Scale output row/channel i of v by g[i] (g has one value per output; v is 2-d or a conv kernel)."""
+    return g.reshape(-1, *([1] * (v.dim() - 1))) * v
+
+
+def channels(v: torch.Tensor, trailing: int) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over `trailing` spatial dims: (C,) -> (C, 1, ..., 1)."""
+    return v.reshape(-1, *([1] * trailing))
+
+
 def vec(v: torch.Tensor) -> torch.Tensor:
     """Flatten to one dimension."""
     return v.reshape(-1)
@@ -99,9 +114,14 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("unsqueeze", aten.unsqueeze.default),
     Op("linear", aten.linear.default, defaults=(None,), arity=3),
     Op("addmm", aten.addmm.default),
+    Op("conv1d", aten.conv1d.default, defaults=(None, [1], [0], [1], 1), arity=7),
     Op("conv2d", aten.conv2d.default, defaults=(None, [1, 1], [0, 0], [1, 1], 1), arity=7),
+    Op("conv3d", aten.conv3d.default, defaults=(None, [1, 1, 1], [0, 0, 0], [1, 1, 1], 1), arity=7),
     Op("embedding", aten.embedding.default, defaults=(-1, False, False), arity=5),
     Op("row_norm", row_norm),
+    Op("col_norm", col_norm),
+    Op("scale_rows", scale_rows),
+    Op("channels", channels),
     Op("conv_lowrank", conv_lowrank),
     Op("vec", vec),
     Op("dropin", dropin),

@@ -1,6 +1,6 @@
 """The compile pipeline: spec + model -> plan -> traced graph -> passes -> adapted GraphModule.
 
-    insert -> fold -> factor -> dce
+    insert -> fold -> factor -> cse -> dce
 
 `fold` runs before `factor` (the design sketch has them the other way round): folding first turns every
 merged transform into a constant, so the factoring rules only ever see live adapters and need no
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import fx, nn
@@ -22,6 +21,7 @@ from peftc.manifest import Manifest
 from peftc.models import LoadedModel, load_model
 from peftc.plan import Plan, build_plan
 from peftc.progress import step
+from peftc.rewrite.eliminate_common_subexpressions import eliminate_common_subexpressions
 from peftc.rewrite.eliminate_dead_code import eliminate_dead_code
 from peftc.rewrite.factor import factor
 from peftc.rewrite.fold_frozen import fold_frozen
@@ -30,7 +30,7 @@ from peftc.spec.model import Spec
 from peftc.spec.parse import parse_spec, read_spec
 from peftc.trace import trace
 
-PASSES = ("insert", "fold", "factor", "dce")
+PASSES = ("insert", "fold", "factor", "cse", "dce")
 
 
 @dataclass
@@ -72,6 +72,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         "insert": insert_adapters(plan, manifest),
         "fold": fold_frozen(manifest),
         "factor": factor(library().rules, rule_log),
+        "cse": eliminate_common_subexpressions(),
         "dce": eliminate_dead_code(manifest),
     }
     for name in PASSES:

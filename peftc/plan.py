@@ -16,14 +16,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftc.checkpoint import PREFIX, adapter_from_config, read_adapter_config, read_adapter_tensors, task_head_candidates
+from peftc.checkpoint import (
+    PREFIX,
+    adapter_from_config,
+    read_adapter_config,
+    read_adapter_tensors,
+    task_head_candidates,
+)
 from peftc.errors import PeftcError, did_you_mean
 from peftc.lang.evaluate import EvalError, evaluate
 from peftc.lang.methods import MethodDef, ParamDecl, SiteProgram, coerce_option, instantiate
 from peftc.library import Library, library
 from peftc.ops import Init
 from peftc.spec.model import AdapterSpec, Span, Spec
-from peftc.targeting import Layer, is_targeted, layer_kind, layers_of, option_targets_hit, output_layer_names, pattern_value
+from peftc.targeting import (
+    Layer,
+    is_targeted,
+    layer_kind,
+    layers_of,
+    option_targets_hit,
+    output_layer_names,
+    pattern_value,
+)
 
 
 @dataclass
@@ -232,7 +246,8 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
             if not hits and from_cfg:
                 continue  # peft skips modules_to_save names (task defaults) the model lacks
             if not hits:
-                raise _err(f"adapter '{name}': modules_to_save '{m}' matches no module{did_you_mean(m, [n.split('.')[-1] for n in module_names])}",
+                leaves = [n.split(".")[-1] for n in module_names]
+                raise _err(f"adapter '{name}': modules_to_save '{m}' matches no module{did_you_mean(m, leaves)}",
                            ad.span, spec)
             mts += hits
         matched = [n for n in module_names if is_targeted(ad, n, all_linear)]
@@ -272,7 +287,8 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
             if layer is None or kind not in method.kinds:
                 what = type(named[lname]).__name__
                 raise _err(f"adapter '{name}': {method.name} does not support layer '{lname}' ({what}); "
-                           f"it supports {', '.join(method.kinds)}", ad.targets[0].span if ad.targets else ad.span, spec)
+                           f"it supports {', '.join(method.kinds)}",
+                           ad.targets[0].span if ad.targets else ad.span, spec)
             lopts = dict(options)
             for opt, pats in pp_by_opt.items():
                 hit, val = pattern_value(pats, lname)
@@ -323,10 +339,12 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                 key = f"{PREFIX}{m}.{pname}"
                 if tensors_src is not None:
                     if key not in tensors_src:
-                        raise PeftcError(f"{src_file}: missing tensor '{key}' (modules_to_save '{m}' of adapter '{name}')")
+                        raise PeftcError(f"{src_file}: missing tensor '{key}' "
+                                         f"(modules_to_save '{m}' of adapter '{name}')")
                     t = tensors_src[key]
                     if tuple(t.shape) != tuple(p.shape):
-                        raise PeftcError(f"{src_file}: tensor '{key}' has shape {list(t.shape)}, expected {list(p.shape)}")
+                        raise PeftcError(f"{src_file}: tensor '{key}' has shape {list(t.shape)}, "
+                                         f"expected {list(p.shape)}")
                     used_keys.add(key)
                     copy[pname] = t.to(p.dtype)
                 else:
@@ -339,7 +357,9 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                 raise PeftcError(f"{src_file}: unexpected tensor '{extra[0]}'{more}: it matches no layer that "
                                  f"adapter '{name}' targets (is the checkpoint for another model or config?)")
         plan.adapters[name] = ap
-    # application order on each layer: merged adapters first (they fold into the base weight)
-    for lname, sas in plan.sites.items():
-        sas.sort(key=lambda sa: (not sa.merge,))
+    # application order on each layer: merged adapters first (they fold into the base weight), then the
+    # live ones in the order of `active` (peft applies active adapters in set_adapter order)
+    rank = {a: i for i, a in enumerate(active)}
+    for sas in plan.sites.values():
+        sas.sort(key=lambda sa: (not sa.merge, rank.get(sa.adapter, len(rank))))
     return plan

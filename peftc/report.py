@@ -1,6 +1,8 @@
 """Human-readable reports: `peftc check` (what a spec matches, parameter counts) and `peftc inspect`."""
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from peftc.plan import Plan
@@ -49,7 +51,7 @@ def inspect_report(model: nn.Module) -> str:
     layers = layers_of(model)
     rows = [("layer", "kind", "weight shape", "params")]
     for name, l in layers.items():
-        rows.append((name, l.kind, "x".join(map(str, l.shape)), f"{l.dims['in'] * l.dims['out']:,}"))
+        rows.append((name, l.kind, "x".join(map(str, l.shape)), f"{math.prod(l.shape):,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     kinds: dict[str, int] = {}

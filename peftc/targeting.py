@@ -26,7 +26,7 @@ SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 class Layer:
     """A layer an adapter can attach to."""
     name: str
-    kind: str                 # linear | conv1d_hf | conv2d | embedding
+    kind: str                 # linear | conv1d_hf | conv1d | conv2d | conv3d | embedding
     module_type: str
     weight: str               # FQN of the weight parameter
     bias: str | None
@@ -40,8 +40,12 @@ def layer_kind(module: nn.Module) -> str | None:
         return "linear"
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return "conv1d_hf"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
     if isinstance(module, nn.Conv2d):
         return "conv2d"
+    if isinstance(module, nn.Conv3d):
+        return "conv3d"
     if isinstance(module, nn.Embedding):
         return "embedding"
     return None
@@ -59,9 +63,10 @@ def layers_of(model: nn.Module) -> dict[str, Layer]:
             dims = {"in": mod.in_features, "out": mod.out_features}
         elif kind == "conv1d_hf":
             dims = {"in": w.shape[0], "out": w.shape[1]}
-        elif kind == "conv2d":
-            dims = {"in": mod.in_channels, "out": mod.out_channels, "kh": mod.kernel_size[0],
-                    "kw": mod.kernel_size[1], "groups": mod.groups}
+        elif kind in ("conv1d", "conv2d", "conv3d"):
+            dims = {"in": mod.in_channels, "out": mod.out_channels, "groups": mod.groups}
+            names = {"conv1d": ("k",), "conv2d": ("kh", "kw"), "conv3d": ("kd", "kh", "kw")}[kind]
+            dims.update(zip(names, mod.kernel_size))
         else:
             dims = {"in": mod.num_embeddings, "out": mod.embedding_dim}
         dims.setdefault("groups", 1)

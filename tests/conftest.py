@@ -134,3 +134,28 @@ def peft_adapter(model_name: str, config, tmp_path, seed: int = 1):
 @pytest.fixture
 def tiny_llama():
     return llama()
+
+
+# ---------------------------------------------------------------- differential-testing helpers
+CUSTOM_MODELS = ("convnet", "token-mlp")
+
+
+def compile_on(spec: str, model_name: str, model: nn.Module | None = None, **kwargs):
+    """peftc.compile on a (fresh, unless given) test model; custom models get example_inputs_for(name)."""
+    import peftc
+    if model is None:
+        model = MODELS[model_name]()
+    if model_name in CUSTOM_MODELS:
+        kwargs.setdefault("example_inputs", example_inputs_for(model_name))
+    return peftc.compile(spec, model, **kwargs)
+
+
+def run_logits(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward without grad; the main output tensor, detached."""
+    with torch.no_grad():
+        return logits_of(model(**inputs)).detach()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.double() - b.double()).abs().max().item()

@@ -85,7 +85,8 @@ class GraphBuilder:
             if key in self.meta_from.meta:
                 node.meta[key] = self.meta_from.meta[key]
         vals = [static_val(self.gm, a) if isinstance(a, fx.Node) else a for a in args]
-        if all(not isinstance(a, fx.Node) or v is not None for a, v in zip(args, vals)) and node.op == "call_function":
+        static = all(not isinstance(a, fx.Node) or v is not None for a, v in zip(args, vals))
+        if static and node.op == "call_function":
             try:
                 node.meta["peftc_val"] = node.target(*vals)
             except Exception:  # noqa: BLE001 - shape inference is best effort

@@ -25,13 +25,16 @@ aten = torch.ops.aten
 SITE_OPS = {
     "linear": (aten.linear.default, 1, 2),
     "conv1d_hf": (aten.addmm.default, 2, 0),
+    "conv1d": (aten.conv1d.default, 1, 2),
     "conv2d": (aten.conv2d.default, 1, 2),
+    "conv3d": (aten.conv3d.default, 1, 2),
     "embedding": (aten.embedding.default, 0, None),
 }
 
 
 def param_path(layer: str, saved: str, adapter: str) -> str:
-    """peft's in-memory name: 'lora_A.weight' -> '<layer>.lora_A.<adapter>.weight', 'ia3_l' -> '<layer>.ia3_l.<adapter>'."""
+    """peft's in-memory name: 'lora_A.weight' -> '<layer>.lora_A.<adapter>.weight',
+    'ia3_l' -> '<layer>.ia3_l.<adapter>'."""
     head, dot, leaf = saved.rpartition(".")
     if dot and leaf in ("weight", "bias"):
         return f"{layer}.{head}.{adapter}.{leaf}"
@@ -122,13 +125,16 @@ def _rewrite_site(gm: fx.GraphModule, sn: fx.Node, layer: Any, sas: list, paths:
     _, widx, bidx = SITE_OPS[layer.kind]
     b = GraphBuilder(gm, sn, layer.name)
     args = list(sn.args)
-    if layer.kind == "conv2d":
-        from peftc.ops import TENSOR_OPS as OPS
-        args = normalized_args(sn, OPS["conv2d"])
+    if layer.kind in ("conv1d", "conv2d", "conv3d"):
+        args = normalized_args(sn, TENSOR_OPS[layer.kind])
     wnode = args[widx]
     bnode = args[bidx] if bidx is not None and len(args) > bidx else None
     w_cur: Any = b.apply(TENSOR_OPS["t"], aten.t.default, [wnode]) if layer.kind == "conv1d_hf" else wnode
     b_cur: Any = bnode
+    # Adapters compose in order, merged ones first: W'' = T2(T1(W)). Methods see the current weight as
+    # W and the weight before any live adapter (base plus merged adapters) as W0: DoRA normalises by
+    # W0 + s*B@A, as peft does when several adapters are active.
+    w_base = w_cur
     for sa in sas:
         prog = sa.program
         env: dict[str, Any] = dict(prog.env)
@@ -138,7 +144,7 @@ def _rewrite_site(gm: fx.GraphModule, sn: fx.Node, layer: Any, sas: list, paths:
             if t.is_floating_point() and t.dtype != layer.dtype:
                 node = b.apply(TENSOR_OPS["cast"], TENSOR_OPS["cast"].target, [node, layer.dtype])
             env[decl.name] = node
-        env["W"], env["b"] = w_cur, b_cur
+        env["W"], env["W0"], env["b"] = w_cur, w_base, b_cur
         for name, expr in prog.lets:
             env[name] = evaluate(expr, env, b)
         w_new = evaluate(prog.weight, env, b) if prog.weight is not None else w_cur
@@ -149,6 +155,8 @@ def _rewrite_site(gm: fx.GraphModule, sn: fx.Node, layer: Any, sas: list, paths:
             marked = b.apply(TENSOR_OPS["dropin"], TENSOR_OPS["dropin"].target, [delta, mpath])
             w_new = b.apply(TENSOR_OPS["add"], aten.add.Tensor, [w_cur, marked])
         w_cur, b_cur = w_new, b_new
+        if sa.merge:
+            w_base = w_cur
     w_out = b.apply(TENSOR_OPS["t"], aten.t.default, [w_cur]) if layer.kind == "conv1d_hf" else w_cur
     if w_out is not wnode:
         w_out.meta[BASE] = layer.weight
@@ -162,3 +170,4 @@ def _rewrite_site(gm: fx.GraphModule, sn: fx.Node, layer: Any, sas: list, paths:
     sn.args = tuple(args)
     sn.meta[TAG] = layer.name
     return True
+

@@ -1,0 +1,385 @@
+"""Differential tests: peftc against the real peft library as the oracle.
+
+Every case builds a real peft adapter (non-identity init + random noise), saves it, and compiles the same
+checkpoint with peftc twice: through `import "<dir>"` (config translated by peftc) and through a hand-written
+native spec that loads the tensors with `weights "<dir>"` (the spec language's own semantics for targets,
+patterns, layers, exclude, ... must select exactly the layers peft adapted). Then:
+
+* peftc unmerged == peft unmerged, and peftc merged (merge=True) == peft merge_and_unload()  (<= 1e-5, fp32);
+* the adapter really changes the output (so a no-op cannot pass).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import MODELS, compile_on, inputs_for, logits_of, max_diff, peft_adapter, randomize_, run_logits
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+
+import peftc
+from peftc import PeftcError
+
+TOL = 1e-5
+CHANGED = 1e-4
+
+
+def lora(**kw) -> LoraConfig:
+    kw.setdefault("r", 4)
+    kw.setdefault("lora_alpha", 8)
+    return LoraConfig(init_lora_weights=False, **kw)
+
+
+def ia3(**kw) -> IA3Config:
+    return IA3Config(init_ia3_weights=False, **kw)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    model: str
+    config: Callable[[], object]
+    native: str            # the equivalent native spec; "{dir}" is replaced by the checkpoint folder
+    mergeable: bool = True
+
+
+def _native(method: str, body: str) -> str:
+    return f"adapter default: {method} {{\n    {body}\n    weights \"{{dir}}\"\n}}\n"
+
+
+CASES = [
+    # ---- LoRA on Linear (llama: no biases)
+    Case("llama-lora", "llama", lambda: lora(target_modules=["q_proj", "v_proj"]),
+         _native("lora(r = 4, alpha = 8)", "targets q_proj, v_proj")),
+    Case("llama-rslora", "llama", lambda: lora(r=4, lora_alpha=16, use_rslora=True,
+                                               target_modules=["q_proj", "k_proj", "o_proj"]),
+         _native("lora(r = 4, alpha = 16, rslora = true)", "targets q_proj, k_proj, o_proj")),
+    Case("llama-lora_bias-nomerge", "llama", lambda: lora(lora_bias=True, target_modules=["q_proj", "v_proj"]),
+         _native("lora(r = 4, alpha = 8, lora_bias = true)", "targets q_proj, v_proj"), mergeable=False),
+    # rank_pattern / alpha_pattern; keys overlap, so first-match order matters (peft writes keys sorted,
+    # and 'model.layers.1...' < 'q_proj' < 'v_proj', so the order survives the save)
+    Case("llama-patterns", "llama",
+         lambda: lora(target_modules=["q_proj", "v_proj", "o_proj"],
+                      rank_pattern={"model.layers.1.self_attn.v_proj": 2, "q_proj": 8, "v_proj": 6},
+                      alpha_pattern={"o_proj": 32, "v_proj": 3}),
+         _native("lora(r = 4, alpha = 8)", "targets q_proj, v_proj, o_proj\n"
+                 "    r at model.layers.1.self_attn.v_proj = 2\n    r at q_proj = 8\n    r at v_proj = 6\n"
+                 "    alpha at o_proj = 32\n    alpha at v_proj = 3")),
+    Case("llama-regex", "llama", lambda: lora(target_modules=r".*\.layers\.1\..*_proj"),
+         _native("lora(r = 4, alpha = 8)", r"targets /.*\.layers\.1\..*_proj/")),
+    Case("llama-all-linear", "llama", lambda: lora(r=2, lora_alpha=4, target_modules="all-linear"),
+         _native("lora(r = 2, alpha = 4)", "targets all-linear")),
+    Case("llama-layers-pattern", "llama",
+         lambda: lora(target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1],
+                      layers_pattern="layers"),
+         _native("lora(r = 4, alpha = 8)", "targets q_proj, v_proj, down_proj\n    layers 1 in layers")),
+    Case("llama-layers", "llama",
+         lambda: lora(target_modules=["q_proj", "up_proj"], layers_to_transform=[0]),
+         _native("lora(r = 4, alpha = 8)", "targets q_proj, up_proj\n    layers 0")),
+    Case("llama-exclude", "llama",
+         lambda: lora(target_modules="all-linear", exclude_modules=["down_proj", "model.layers.0.self_attn.q_proj"]),
+         _native("lora(r = 4, alpha = 8)", "targets all-linear\n    exclude down_proj, model.layers.0.self_attn.q_proj")),
+    Case("llama-embedding", "llama", lambda: lora(target_modules=["embed_tokens", "q_proj"]),
+         _native("lora(r = 4, alpha = 8)", "targets embed_tokens, q_proj")),
+    Case("llama-modules_to_save", "llama", lambda: lora(target_modules=["v_proj"], modules_to_save=["lm_head"]),
+         _native("lora(r = 4, alpha = 8)", "targets v_proj\n    save lm_head")),
+    # ---- GPT-2: transformers Conv1D (fan_in_fan_out), with biases
+    Case("gpt2-lora", "gpt2", lambda: lora(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+         _native("lora(r = 4, alpha = 8)", "targets c_attn, c_proj")),
+    Case("gpt2-lora_bias-rslora", "gpt2",
+         lambda: lora(target_modules=["c_attn", "c_fc"], lora_bias=True, use_rslora=True, fan_in_fan_out=True),
+         _native("lora(r = 4, alpha = 8, lora_bias = true, rslora = true)", "targets c_attn, c_fc")),
+    Case("gpt2-all-linear", "gpt2", lambda: lora(r=2, lora_alpha=6, target_modules="all-linear", fan_in_fan_out=True),
+         _native("lora(r = 2, alpha = 6)", "targets all-linear")),
+    Case("gpt2-exclude-regex", "gpt2",
+         lambda: lora(target_modules=["c_attn", "c_fc", "c_proj"], exclude_modules=r".*\.h\.0\.mlp\..*",
+                      fan_in_fan_out=True),
+         _native("lora(r = 4, alpha = 8)", "targets c_attn, c_fc, c_proj\n    exclude /.*\\.h\\.0\\.mlp\\..*/")),
+    Case("gpt2-embedding", "gpt2", lambda: lora(target_modules=["wte", "c_fc"], fan_in_fan_out=True),
+         _native("lora(r = 4, alpha = 8)", "targets wte, c_fc")),
+    # ---- BERT with a classification head
+    Case("bert-lora_bias", "bert-cls", lambda: lora(target_modules=["query", "value"], lora_bias=True),
+         _native("lora(r = 4, alpha = 8, lora_bias = true)", "targets query, value")),
+    Case("bert-seqcls-all-linear", "bert-cls", lambda: lora(target_modules="all-linear", task_type="SEQ_CLS"),
+         _native("lora(r = 4, alpha = 8)", "targets all-linear\n    save classifier")),
+    Case("bert-modules_to_save", "bert-cls",
+         lambda: lora(target_modules=["query", "key"], modules_to_save=["classifier"]),
+         _native("lora(r = 4, alpha = 8)", "targets query, key\n    save classifier")),
+    # ---- custom models: Conv2d, Embedding
+    Case("convnet-conv2d", "convnet", lambda: lora(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "fc1"]),
+         _native("lora(r = 2, alpha = 4)", "targets conv1, conv2, fc1")),
+    Case("convnet-conv2d-lora_bias", "convnet",
+         lambda: lora(r=2, lora_alpha=4, target_modules=["conv1", "conv2"], lora_bias=True),
+         _native("lora(r = 2, alpha = 4, lora_bias = true)", "targets conv1, conv2")),
+    Case("convnet-modules_to_save", "convnet", lambda: lora(target_modules=["fc1"], modules_to_save=["fc2"]),
+         _native("lora(r = 4, alpha = 8)", "targets fc1\n    save fc2")),
+    Case("convnet-all-linear", "convnet", lambda: lora(r=2, lora_alpha=2, target_modules="all-linear"),
+         _native("lora(r = 2, alpha = 2)", "targets all-linear")),
+    Case("token-mlp-embedding", "token-mlp", lambda: lora(target_modules=["emb", "lin0", "lin1"]),
+         _native("lora(r = 4, alpha = 8)", "targets emb, lin0, lin1")),
+    Case("token-mlp-lora_bias", "token-mlp", lambda: lora(target_modules=["lin0", "lin1"], lora_bias=True),
+         _native("lora(r = 4, alpha = 8, lora_bias = true)", "targets lin0, lin1")),
+    # ---- DoRA
+    Case("llama-dora", "llama", lambda: lora(target_modules=["q_proj", "v_proj"], use_dora=True),
+         _native("dora(r = 4, alpha = 8)", "targets q_proj, v_proj")),
+    Case("gpt2-dora", "gpt2", lambda: lora(target_modules=["c_attn", "c_fc"], use_dora=True, fan_in_fan_out=True),
+         _native("dora(r = 4, alpha = 8)", "targets c_attn, c_fc")),
+    Case("token-mlp-dora-rslora", "token-mlp",
+         lambda: lora(target_modules=["lin0", "lin1"], use_dora=True, use_rslora=True),
+         _native("dora(r = 4, alpha = 8, rslora = true)", "targets lin0, lin1")),
+    # ---- IA3
+    Case("llama-ia3-ff", "llama",
+         lambda: ia3(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+         _native("ia3()", "targets k_proj, v_proj, down_proj\n    feedforward down_proj")),
+    Case("llama-ia3-noff", "llama", lambda: ia3(target_modules=["q_proj", "up_proj"], feedforward_modules=[]),
+         _native("ia3()", "targets q_proj, up_proj")),
+    Case("gpt2-ia3", "gpt2",
+         lambda: ia3(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True),
+         _native("ia3()", "targets c_attn, mlp.c_proj\n    feedforward mlp.c_proj")),
+    Case("bert-ia3", "bert-cls",
+         lambda: ia3(target_modules=["query", "value", "intermediate.dense"], feedforward_modules=["intermediate.dense"]),
+         _native("ia3()", "targets query, value, intermediate.dense\n    feedforward intermediate.dense")),
+    Case("token-mlp-ia3", "token-mlp", lambda: ia3(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]),
+         _native("ia3()", "targets lin0, lin1\n    feedforward lin1")),
+]
+
+
+@dataclass
+class Prepared:
+    case: Case
+    dir: str
+    inputs: dict
+    base_out: torch.Tensor
+    peft_out: torch.Tensor
+    merged_out: torch.Tensor | None
+    merged_state: dict | None
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c.id for c in CASES])
+def prepared(request, tmp_path_factory) -> Prepared:
+    case: Case = request.param
+    tmp = tmp_path_factory.mktemp(case.id)
+    base, pm, d = peft_adapter(case.model, case.config(), tmp)
+    x = inputs_for(case.model)
+    base_out, peft_out = run_logits(base, x), run_logits(pm, x)
+    merged_out = merged_state = None
+    if case.mergeable:
+        merged = copy.deepcopy(pm).merge_and_unload()
+        merged_out = run_logits(merged, x)
+        merged_state = {k: v.detach().clone() for k, v in merged.state_dict().items()}
+    return Prepared(case, str(d), x, base_out, peft_out, merged_out, merged_state)
+
+
+def test_adapter_is_not_a_noop(prepared):
+    assert max_diff(prepared.peft_out, prepared.base_out) > CHANGED
+
+
+def test_import_unmerged_matches_peft(prepared):
+    gm = compile_on(f'adapter default: import "{prepared.dir}"', prepared.case.model)
+    out = run_logits(gm, prepared.inputs)
+    assert max_diff(out, prepared.peft_out) <= TOL
+    assert max_diff(out, prepared.base_out) > CHANGED
+
+
+def test_native_spec_unmerged_matches_peft(prepared):
+    gm = compile_on(prepared.case.native.replace("{dir}", prepared.dir), prepared.case.model)
+    out = run_logits(gm, prepared.inputs)
+    assert max_diff(out, prepared.peft_out) <= TOL
+    assert max_diff(out, prepared.base_out) > CHANGED
+
+
+def test_import_merged_matches_peft(prepared):
+    case = prepared.case
+    base = MODELS[case.model]()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    spec = f'adapter default: import "{prepared.dir}"'
+    if not case.mergeable:
+        with pytest.raises(PeftcError):
+            compile_on(spec, case.model, base, merge=True)
+        return
+    gm = compile_on(spec, case.model, base, merge=True)
+    out = run_logits(gm, prepared.inputs)
+    assert max_diff(out, prepared.merged_out) <= TOL
+    assert max_diff(out, prepared.base_out) > CHANGED
+    # the merged graph is the base graph with new weights, under the base parameter names
+    sd = gm.state_dict()
+    changed = 0
+    for name, ref in prepared.merged_state.items():
+        if name in sd and not torch.equal(ref, before[name]):
+            assert max_diff(sd[name], ref) <= TOL, name
+            changed += 1
+    assert changed > 0
+    # no adapter tensors are left in a fully merged graph
+    assert not any(p.requires_grad for p in gm.parameters())
+    # compiling never touches the caller's model
+    after = base.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_native_merged_clause_matches_peft(prepared):
+    """The spec's own `merge` clause gives the same result as merge=True."""
+    case = prepared.case
+    spec = case.native.replace("{dir}", prepared.dir).replace("    weights", "    merge\n    weights")
+    if not case.mergeable:
+        with pytest.raises(PeftcError):
+            compile_on(spec, case.model)
+        return
+    gm = compile_on(spec, case.model)
+    assert max_diff(run_logits(gm, prepared.inputs), prepared.merged_out) <= TOL
+
+
+# ---------------------------------------------------------------- several adapters at once
+@pytest.fixture(scope="module")
+def two_loras(tmp_path_factory):
+    """Two LoRA adapters on llama (overlapping targets, different options), saved by peft, and peft's outputs
+    with a alone, b alone and both active."""
+    tmp = tmp_path_factory.mktemp("two_loras")
+    cfg_a = lora(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    cfg_b = lora(r=2, lora_alpha=5, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"])
+    _, pa, da = peft_adapter("llama", cfg_a, tmp / "a", seed=11)
+    _, pb, db = peft_adapter("llama", cfg_b, tmp / "b", seed=12)
+    base = MODELS["llama"]()
+    x = inputs_for("llama")
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(da), adapter_name="a")
+    pm.load_adapter(str(db), adapter_name="b")
+    pm.eval()
+    outs = {"base": run_logits(base, x)}
+    for active in (["a"], ["b"], ["a", "b"]):
+        pm.base_model.set_adapter(active)
+        outs["+".join(active)] = run_logits(pm, x)
+    return {"a": str(da), "b": str(db), "x": x, "out": outs}
+
+
+def _two_lora_spec(da: str, db: str, *, import_: bool = False, merge_a: bool = False, active: str = "") -> str:
+    if import_:
+        text = f'adapter a: import "{da}"\nadapter b: import "{db}"\n'
+    else:
+        text = (f'adapter a: lora(r = 4, alpha = 8) {{\n    targets q_proj, v_proj\n    weights "{da}"\n'
+                f'    {"merge" if merge_a else ""}\n}}\n'
+                f'adapter b: lora(r = 2, alpha = 5, rslora = true) {{\n    targets q_proj, k_proj, down_proj\n'
+                f'    weights "{db}"\n}}\n')
+    return text + (f"active {active}\n" if active else "")
+
+
+def test_two_adapters_sanity(two_loras):
+    o = two_loras["out"]
+    for k in ("a", "b", "a+b"):
+        assert max_diff(o[k], o["base"]) > CHANGED
+    assert max_diff(o["a+b"], o["a"]) > CHANGED and max_diff(o["a+b"], o["b"]) > CHANGED
+
+
+@pytest.mark.parametrize("import_", [False, True], ids=["weights", "import"])
+def test_two_loras_both_active(two_loras, import_):
+    gm = compile_on(_two_lora_spec(two_loras["a"], two_loras["b"], import_=import_), "llama")
+    assert max_diff(run_logits(gm, two_loras["x"]), two_loras["out"]["a+b"]) <= TOL
+
+
+def test_two_loras_both_merged(two_loras):
+    gm = compile_on(_two_lora_spec(two_loras["a"], two_loras["b"]), "llama", merge=True)
+    assert max_diff(run_logits(gm, two_loras["x"]), two_loras["out"]["a+b"]) <= TOL
+
+
+@pytest.mark.parametrize("active", ["a", "b"])
+def test_inactive_adapter_has_no_effect(two_loras, active):
+    spec = _two_lora_spec(two_loras["a"], two_loras["b"], active=active)
+    gm = compile_on(spec, "llama")
+    assert max_diff(run_logits(gm, two_loras["x"]), two_loras["out"][active]) <= TOL
+    # merging everything still leaves the inactive one out
+    gm = compile_on(spec, "llama", merge=True)
+    assert max_diff(run_logits(gm, two_loras["x"]), two_loras["out"][active]) <= TOL
+
+
+def test_one_merged_one_unmerged(two_loras):
+    gm = compile_on(_two_lora_spec(two_loras["a"], two_loras["b"], merge_a=True), "llama")
+    assert max_diff(run_logits(gm, two_loras["x"]), two_loras["out"]["a+b"]) <= TOL
+    live = [n for n, p in gm.named_parameters() if p.requires_grad]
+    assert live and all(".b." in n or n.endswith(".b") for n in live), live
+    assert not any(".a." in n for n, _ in gm.named_parameters())
+
+
+def test_two_ia3_on_the_same_layers(tmp_path):
+    """IA3 adapters compose multiplicatively in peft; peftc chains W' = T_b(T_a(W))."""
+    cfg_a = ia3(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    cfg_b = ia3(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    _, _, da = peft_adapter("llama", cfg_a, tmp_path / "a", seed=3)
+    _, _, db = peft_adapter("llama", cfg_b, tmp_path / "b", seed=4)
+    base = MODELS["llama"]()
+    x = inputs_for("llama")
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(da), adapter_name="a")
+    pm.load_adapter(str(db), adapter_name="b")
+    pm.eval()
+    pm.base_model.set_adapter(["a", "b"])
+    ref = run_logits(pm, x)
+    pm.base_model.set_adapter("a")
+    assert max_diff(ref, run_logits(pm, x)) > CHANGED
+    spec = f'adapter a: import "{da}"\nadapter b: import "{db}"\n'
+    assert max_diff(run_logits(compile_on(spec, "llama"), x), ref) <= TOL
+    assert max_diff(run_logits(compile_on(spec, "llama", merge=True), x), ref) <= TOL
+
+
+def test_lora_and_dora_on_different_layers(tmp_path):
+    cfg_a = lora(target_modules=["q_proj", "up_proj"])
+    cfg_b = lora(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"], use_dora=True)
+    _, _, da = peft_adapter("llama", cfg_a, tmp_path / "a", seed=5)
+    _, _, db = peft_adapter("llama", cfg_b, tmp_path / "b", seed=6)
+    base = MODELS["llama"]()
+    x = inputs_for("llama")
+    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(da), adapter_name="a")
+    pm.load_adapter(str(db), adapter_name="b")
+    pm.eval()
+    pm.base_model.set_adapter(["a", "b"])
+    ref = run_logits(pm, x)
+    spec = (f'adapter a: lora(r = 4, alpha = 8) {{ targets q_proj, up_proj\n weights "{da}" }}\n'
+            f'adapter b: dora(r = 2, alpha = 4) {{ targets v_proj, down_proj\n weights "{db}"\n merge }}\n')
+    assert max_diff(run_logits(compile_on(spec, "llama"), x), ref) <= TOL
+
+
+# ---------------------------------------------------------------- refusals
+def test_lora_bias_without_base_bias_refuses_merge(tmp_path):
+    """peft cannot merge lora_bias into a layer without a bias; peftc must refuse too (not silently drop it)."""
+    _, pm, d = peft_adapter("llama", lora(lora_bias=True, target_modules=["q_proj"]), tmp_path)
+    with pytest.raises(Exception, match="(?i)bias"):
+        copy.deepcopy(pm).merge_and_unload()
+    with pytest.raises(PeftcError):
+        compile_on(f'adapter default: import "{d}"', "llama", merge=True)
+    with pytest.raises(PeftcError):
+        compile_on(f'adapter default: lora(r = 4, alpha = 8, lora_bias = true) {{ targets q_proj\n merge }}',
+                   "llama")
+
+
+# ---------------------------------------------------------------- gradients
+def test_lora_gradients_match_peft(tmp_path):
+    _, pm, d = peft_adapter("llama", lora(target_modules=["q_proj", "v_proj", "down_proj"]), tmp_path)
+    x = inputs_for("llama")
+    gm = compile_on(f'adapter default: import "{d}"', "llama")
+    target = torch.randn(run_logits(pm, x).shape, generator=torch.Generator().manual_seed(0))
+
+    def loss_of(model):
+        return (logits_of(model(**x)) - target).square().mean()
+
+    loss_of(pm).backward()
+    loss_of(gm).backward()
+    peft_grads = {n.removeprefix("base_model.model."): p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    ours = {n: p.grad for n, p in gm.named_parameters() if p.requires_grad}
+    assert set(ours) == set(peft_grads)
+    assert len(ours) == 2 * 3 * 2  # A and B, 3 targets, 2 layers
+    for n, g in ours.items():
+        assert g is not None, n
+        assert peft_grads[n].abs().max() > 0, n
+        assert max_diff(g, peft_grads[n]) <= TOL, n
+    assert all(p.grad is None for p in gm.parameters() if not p.requires_grad)
+
+
+# ---------------------------------------------------------------- a fresh adapter, trained in peft, imported
+def test_peft_trained_modules_to_save_differs_from_base(tmp_path):
+    """A SEQ_CLS adapter whose classifier copy was changed: peftc must use the saved copy, not the base head."""
+    base = MODELS["bert-cls"]()
+    pm = get_peft_model(copy.deepcopy(base), lora(target_modules=["query"], task_type="SEQ_CLS")).eval()
+    randomize_(pm, seed=9, scale=0.2)
+    pm.save_pretrained(str(tmp_path / "ad"))
+    x = inputs_for("bert-cls")
+    ref = run_logits(pm, x)
+    gm = compile_on(f'adapter default: import "{tmp_path / "ad"}"', "bert-cls")
+    assert max_diff(run_logits(gm, x), ref) <= TOL
