@@ -258,7 +258,8 @@ def render(args: argparse.Namespace, env: dict[str, str], cmd: str, rows: list[d
     if check is not None:
         lines += ["", f"onnxruntime check inside export_onnx: max abs diff {check.max_abs_diff:.1e} "
                       f"({', '.join(f'{k} {v}' for k, v in check.input_shapes.items())})."]
-    lines += ["", "| graph | nodes | call nodes | aten.linear | bookkeeping ops (asserts, casts, guards) |", "|---|---:|---:|---:|---|"]
+    lines += ["", "| graph | nodes | call nodes | aten.linear | bookkeeping ops (asserts, casts, guards) |",
+              "|---|---:|---:|---:|---|"]
     for name, s in stats.items():
         over = ", ".join(f"{k} x{v}" for k, v in s["overhead_ops"].items()) or "-"
         lines.append(f"| {name} | {s['nodes']} | {s['calls']} | {s['linear']} | {over} |")

@@ -89,7 +89,10 @@ def default_input_specs(module: nn.Module, config: Any, batch: int = 2, seq: int
         return [("pixel_values", (batch, getattr(config, "num_channels", 3), size, size), torch.float32)]
     if main == "input_values":
         return [("input_values", (batch, 16000), torch.float32)]
-    return [("input_ids", (batch, seq), torch.int64), ("attention_mask", (batch, seq), torch.int64)]
+    specs = [("input_ids", (batch, seq), torch.int64), ("attention_mask", (batch, seq), torch.int64)]
+    if getattr(config, "is_encoder_decoder", False):
+        specs.append(("decoder_input_ids", (batch, max(seq // 2, 2)), torch.int64))
+    return specs
 
 
 def fresh_like(inputs: dict[str, torch.Tensor], config: Any = None, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Pass `factor`: apply the algebraic rules of passes/*.peft to inserted (live) weight transforms, so
 the unmerged graph computes e.g. linear(x, W) + s * linear(linear(x, A), B) instead of materialising
-W + s * B @ A on every forward. Only nodes peftc inserted are rewritten; the first matching rule wins;
-the pass repeats until no rule matches."""
+W + s * B @ A on every forward. Only nodes peftc inserted, or that read a node peftc inserted, are
+rewritten; the first matching rule wins; the pass repeats until no rule matches."""
 from __future__ import annotations
 
 from typing import Any
@@ -25,17 +25,20 @@ def factor(rules: list[Rule], log: list[str] | None = None) -> Any:
         for _ in range(MAX_ROUNDS):
             changed = False
             for node in list(gm.graph.nodes):
-                if node.op != "call_function" or TAG not in node.meta or not node.users:
+                if node.op != "call_function" or not node.users:
+                    continue
+                site = node.meta.get(TAG) or next((a.meta[TAG] for a in node.all_input_nodes if TAG in a.meta), None)
+                if site is None:
                     continue
                 for rule in rules:
                     binding = _first(rule, node, preds)
                     if binding is None:
                         continue
-                    builder = GraphBuilder(gm, node, node.meta[TAG], meta_from=node)
+                    builder = GraphBuilder(gm, node, site, meta_from=node)
                     new = evaluate(rule.rhs, binding, builder, preds)
                     node.replace_all_uses_with(new)
                     if log is not None:
-                        log.append(f"{rule.name} @ {node.meta[TAG]}")
+                        log.append(f"{rule.name} @ {site}")
                     changed = True
                     break
             if not changed:

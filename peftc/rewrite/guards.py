@@ -31,8 +31,11 @@ def guards(gm: fx.GraphModule) -> dict[str, Callable[..., Any]]:
     def is_none(v: Any) -> bool:
         return v is None
 
+    def swaps(p: Any) -> bool:
+        return list(p) in ([1, 0], [-1, -2])
+
     def ungrouped(*rest: Any) -> bool:
         return not rest or rest[-1] == 1
 
     return {"scalar": scalar, "column_of": column_of, "row_of": row_of, "adapted": adapted,
-            "is_none": is_none, "ungrouped": ungrouped}
+            "is_none": is_none, "ungrouped": ungrouped, "swaps": swaps}

@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from peftc.errors import PeftcError
 from peftc.lang.evaluate import evaluate
 from peftc.manifest import AdapterRecord, Manifest
 from peftc.ops import TENSOR_OPS
@@ -41,17 +42,26 @@ def param_path(layer: str, saved: str, adapter: str) -> str:
     return f"{layer}.{saved}.{adapter}"
 
 
-def _site_nodes(gm: fx.GraphModule, kind: str, weight_fqn: str) -> list[fx.Node]:
-    target, widx, _ = SITE_OPS[kind]
-    if not has_path(gm, weight_fqn):
-        return []
-    wt = get_path(gm, weight_fqn)
-    out = []
+def module_of(node: fx.Node) -> str | None:
+    """The innermost module a node was traced in (from nn_module_stack), or None if unknown."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path.split("@")[0] if isinstance(path, str) else None
+
+
+def _consumers(gm: fx.GraphModule, fqn: str | None, layer: str) -> tuple[fx.Node | None, list[fx.Node]]:
+    """A get_attr node reading the tensor at `fqn`, and the nodes of module `layer` that read it."""
+    if fqn is None or not has_path(gm, fqn):
+        return None, []
+    t = get_path(gm, fqn)
+    reader, users = None, []
     for n in gm.graph.nodes:
-        if n.op == "get_attr" and get_path(gm, n.target) is wt:
-            out += [u for u in n.users if u.op == "call_function" and u.target is target
-                    and len(u.args) > widx and u.args[widx] is n]
-    return out
+        if n.op == "get_attr" and get_path(gm, n.target) is t:
+            reader = reader or n
+            users += [u for u in n.users if module_of(u) in (None, layer)]
+    return reader, users
 
 
 def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
@@ -86,9 +96,7 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
                     mpath = f"{lname}.{stem}.{sa.adapter}"
                     set_path(gm, mpath, nn.Dropout(p_drop))
                     manifest.registered.add(mpath)
-            nodes = _site_nodes(gm, layer.kind, layer.weight)
-            for sn in nodes:
-                modified |= _rewrite_site(gm, sn, layer, [sa for sa in sas if sa.active], paths, plan.train)
+            modified |= _rewrite_layer(gm, layer, [sa for sa in sas if sa.active], paths, plan.train)
         for name, ap in plan.adapters.items():
             rec = manifest.adapters[name]
             for mod, params in ap.modules_to_save.items():
@@ -119,16 +127,17 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
     return run
 
 
-def _rewrite_site(gm: fx.GraphModule, sn: fx.Node, layer: Any, sas: list, paths: dict, train: bool) -> bool:
+def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train: bool) -> bool:
+    """Replace the layer's weight (and bias) wherever the layer's own ops read them by W' = T(W, theta)."""
     if not sas:
         return False
-    _, widx, bidx = SITE_OPS[layer.kind]
-    b = GraphBuilder(gm, sn, layer.name)
-    args = list(sn.args)
-    if layer.kind in ("conv1d", "conv2d", "conv3d"):
-        args = normalized_args(sn, TENSOR_OPS[layer.kind])
-    wnode = args[widx]
-    bnode = args[bidx] if bidx is not None and len(args) > bidx else None
+    wnode, w_users = _consumers(gm, layer.weight, layer.name)
+    bnode, b_users = _consumers(gm, layer.bias, layer.name)
+    if not w_users:
+        return False  # the layer is never called in this forward
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    anchor = min(w_users + b_users, key=order.get)
+    b = GraphBuilder(gm, anchor, layer.name, meta_from=min(w_users, key=order.get))
     w_cur: Any = b.apply(TENSOR_OPS["t"], aten.t.default, [wnode]) if layer.kind == "conv1d_hf" else wnode
     b_cur: Any = bnode
     # Adapters compose in order, merged ones first: W'' = T2(T1(W)). Methods see the current weight as
@@ -160,14 +169,31 @@ def _rewrite_site(gm: fx.GraphModule, sn: fx.Node, layer: Any, sas: list, paths:
     w_out = b.apply(TENSOR_OPS["t"], aten.t.default, [w_cur]) if layer.kind == "conv1d_hf" else w_cur
     if w_out is not wnode:
         w_out.meta[BASE] = layer.weight
-        args[widx] = w_out
-    if b_cur is not bnode and bidx is not None:
-        if bnode is not None and isinstance(b_cur, fx.Node):
+        for u in w_users:
+            u.replace_input_with(wnode, w_out)
+    if b_cur is not bnode and b_cur is not None:
+        if bnode is not None:
             b_cur.meta[BASE] = layer.bias
-        while len(args) <= bidx:
-            args.append(None)
-        args[bidx] = b_cur
-    sn.args = tuple(args)
-    sn.meta[TAG] = layer.name
+            for u in b_users:
+                u.replace_input_with(bnode, b_cur)
+        else:
+            _add_bias(layer, w_users, b_cur)
+    for u in w_users:
+        u.meta[TAG] = layer.name
     return True
 
+
+def _add_bias(layer: Any, users: list[fx.Node], bias: fx.Node) -> None:
+    """Give a bias-less layer a bias (LoRA's lora_bias): only where the layer is a known op with a bias slot."""
+    target, _, bidx = SITE_OPS[layer.kind]
+    for u in users:
+        if u.target is not target or bidx is None:
+            raise PeftcError(f"cannot add a bias to layer '{layer.name}': it computes {u.target} "
+                             "rather than a standard op with a bias argument")
+        args = list(u.args)
+        if layer.kind in ("conv1d", "conv2d", "conv3d"):
+            args = normalized_args(u, TENSOR_OPS[layer.kind])
+        while len(args) <= bidx:
+            args.append(None)
+        args[bidx] = bias
+        u.args = tuple(args)
