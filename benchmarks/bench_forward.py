@@ -42,6 +42,7 @@ import peftc  # noqa: E402
 from peftc.builtin_models import BUILTINS  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LOAD = "load"
 RESULTS = Path(__file__).resolve().parent / "results"
 # ops that torch.export's unlifted module carries and eager code does not run
 OVERHEAD_OPS = ("_assert_tensor_metadata", "aten.to.", "_to_copy", "_guards_fn", "sym_size", "sym_constrain")
@@ -147,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- build every variant (and time what a user waits for)
     build: dict[str, float] = {}
+    copies = [copy.deepcopy(base) for _ in range(4)]       # copied up front: deepcopy is not what we time
     peft_unmerged, build["peft load (PeftModel.from_pretrained)"] = timed(
-        lambda: PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval())
-    peft_merged, build["peft merge_and_unload"] = timed(
-        lambda: PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval().merge_and_unload())
-    gm_merged, build["peftc compile, merged"] = timed(lambda: peftc.compile(spec, copy.deepcopy(base), merge=True))
-    gm_unmerged, build["peftc compile, unmerged"] = timed(lambda: peftc.compile(spec, copy.deepcopy(base)))
+        lambda: PeftModel.from_pretrained(copies[0], str(adapter_dir)).eval())
+    peft_merged, build["peft load + merge_and_unload"] = timed(
+        lambda: PeftModel.from_pretrained(copies[1], str(adapter_dir)).eval().merge_and_unload())
+    gm_merged, build["peftc compile, merged"] = timed(lambda: peftc.compile(spec, copies[2], merge=True))
+    gm_unmerged, build["peftc compile, unmerged"] = timed(lambda: peftc.compile(spec, copies[3]))
     onnx_merged = work / "merged.onnx"
     check, build["peftc export_onnx, merged (incl. onnxruntime check)"] = timed(
         lambda: peftc.export_onnx(gm_merged, onnx_merged))
@@ -192,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     # -- timing: warmup, then interleaved rounds in a fresh order each round
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5 * (os.cpu_count() or 1):
+        print(f"# warning: 1-minute load average is {load_before:.1f} on {os.cpu_count()} cpus; timings will be noisy")
     rng = random.Random(args.seed)
     times: dict[str, list[float]] = {n: [] for n in variants}
     with torch.no_grad():
@@ -207,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 variants[name]()
                 times[name].append((time.perf_counter() - t0) * 1e3)
 
+    load = (load_before, os.getloadavg()[0])
     rows = []
     for name, ts in times.items():
         paired = statistics.median(t / b for t, b in zip(ts, times[BASE]))
@@ -225,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = versions()
     cmd = "python benchmarks/bench_forward.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    env[LOAD] = f"{load[0]:.2f} / {load[1]:.2f}"
     md = render(args, env, cmd.strip(), rows, targets, build, stats, check)
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +251,8 @@ def render(args: argparse.Namespace, env: dict[str, str], cmd: str, rows: list[d
              "",
              f"`{cmd}` — {args.rounds} interleaved rounds, median; ratio = median of per-round ratios to the "
              "eager base.  ",
-             "  ".join(f"{k} {v}" for k, v in env.items() if k != "machine") + f"; {env['machine']}.",
+             "  ".join(f"{k} {v}" for k, v in env.items() if k not in ("machine", LOAD)) + f"; {env['machine']}; "
+             f"load average (1 min) before/after timing: {env[LOAD]}.",
              "",
              "| variant | median ms | p25–p75 ms | ratio vs base eager | max abs diff vs peft |",
              "|---|---:|---:|---:|---:|"]

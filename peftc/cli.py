@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .pt2 path")
     p.add_argument("--merge", action="store_true", help="fold every active adapter into the base weights")
     p.add_argument("--train", action="store_true", help="compile for training (adapter dropout active)")
-    p.add_argument("--dump-after", metavar="PASS", help="print the graph after PASS (insert, fold, factor, cse, dce)")
+    p.add_argument("--dump-after", metavar="PASS", help="print the graph after PASS: insert, fold, factor, cse, fuse or dce")
 
     p = spec_model("export", "compile a spec onto a model and write ONNX, checked in onnxruntime")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")

@@ -1,6 +1,6 @@
 """The compile pipeline: spec + model -> plan -> traced graph -> passes -> adapted GraphModule.
 
-    insert -> fold -> factor -> cse -> dce
+    insert -> fold -> factor -> cse -> fuse -> dce
 
 `fold` runs before `factor` (the design sketch has them the other way round): folding first turns every
 merged transform into a constant, so the factoring rules only ever see live adapters and need no
@@ -25,12 +25,13 @@ from peftc.rewrite.eliminate_common_subexpressions import eliminate_common_subex
 from peftc.rewrite.eliminate_dead_code import eliminate_dead_code
 from peftc.rewrite.factor import factor
 from peftc.rewrite.fold_frozen import fold_frozen
+from peftc.rewrite.fuse_shared_input import fuse_shared_input
 from peftc.rewrite.insert_adapters import insert_adapters
 from peftc.spec.model import Spec
 from peftc.spec.parse import parse_spec, read_spec
 from peftc.trace import trace
 
-PASSES = ("insert", "fold", "factor", "cse", "dce")
+PASSES = ("insert", "fold", "factor", "cse", "fuse", "dce")
 
 
 @dataclass
@@ -73,6 +74,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         "fold": fold_frozen(manifest),
         "factor": factor(library().rules, rule_log),
         "cse": eliminate_common_subexpressions(),
+        "fuse": fuse_shared_input(manifest),
         "dce": eliminate_dead_code(manifest),
     }
     for name in PASSES:
