@@ -21,6 +21,8 @@ from collections.abc import Sequence
 
 from peftc.errors import PeftcError
 
+PASS_NAMES = ("insert", "fold", "factor", "cse", "fuse", "dce")  # peftc.pipeline.PASSES, without importing torch
+
 
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
@@ -53,14 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .pt2 path")
     p.add_argument("--merge", action="store_true", help="fold every active adapter into the base weights")
     p.add_argument("--train", action="store_true", help="compile for training (adapter dropout active)")
-    p.add_argument("--dump-after", metavar="PASS", help="print the graph after PASS: insert, fold, factor, cse, fuse or dce")
+    p.add_argument("--dump-after", metavar="PASS", choices=PASS_NAMES,
+                   help="print the graph after PASS: " + ", ".join(PASS_NAMES))
 
     p = spec_model("export", "compile a spec onto a model and write ONNX, checked in onnxruntime")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")
     p.add_argument("--merge", action="store_true", help="fold every active adapter into the base weights")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--tol", type=float, default=1e-4, help="max abs diff allowed between onnxruntime and torch")
-    p.add_argument("--dump-after", metavar="PASS", help="print the graph after PASS")
+    p.add_argument("--dump-after", metavar="PASS", choices=PASS_NAMES, help="print the graph after PASS")
 
     p = spec_model("save", "write the spec's adapters as a PEFT checkpoint (adapter_config.json + safetensors)")
     p.add_argument("-o", "--output", required=True, help="output directory")
