@@ -127,6 +127,11 @@ def _run(args: argparse.Namespace) -> int:
     gm = compiled.gm
     n_layers = sum(len(ap.layers) for ap in compiled.plan.adapters.values())
     summary = f"{len(compiled.plan.adapters)} adapter(s) on {n_layers} layer(s), {'merged' if merge else 'unmerged'}"
+    if compiled.dense_layers:
+        dense = compiled.dense_layers
+        names = ", ".join(dense[:3]) + (", ..." if len(dense) > 3 else "")
+        _say(args.quiet, f"note: no factoring rule fits {len(dense)} layer(s) ({names}): "
+                         "their adapted weight is rebuilt on every forward (correct, slower; --merge avoids it)")
     if args.cmd == "compile":
         from peftc.emit.pt2 import save_pt2
         from peftc.progress import step

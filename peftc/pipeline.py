@@ -41,6 +41,7 @@ class Compiled:
     model: LoadedModel
     timings: dict[str, float] = field(default_factory=dict)
     rule_log: list[str] = field(default_factory=list)
+    dense_layers: list[str] = field(default_factory=list)   # live adapters no rule could factor
 
 
 def load_spec(spec: str | Path | Spec) -> Spec:
@@ -82,11 +83,33 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
             gm = passes[name](gm).graph_module
         if dump_after == name:
             dump(f"# graph after pass '{name}'\n{gm.graph}")
+    dense = _dense_layers(gm)
     gm.peftc = manifest
     gm.peftc_inputs = dict(loaded.inputs)
     gm.peftc_layer_kinds = {name: layer.kind for name, layer in plan.layers.items()}
     gm.train(train)
-    return Compiled(gm, plan, loaded, rule_log=rule_log)
+    return Compiled(gm, plan, loaded, rule_log=rule_log, dense_layers=dense)
+
+
+_WEIGHT_READERS = {torch.ops.aten.linear.default: 1, torch.ops.aten.addmm.default: 2, torch.ops.aten.mm.default: 1,
+                   torch.ops.aten.matmul.default: 1, torch.ops.aten.conv1d.default: 1,
+                   torch.ops.aten.conv2d.default: 1, torch.ops.aten.conv3d.default: 1,
+                   torch.ops.aten.embedding.default: 0}
+
+
+def _dense_layers(gm: fx.GraphModule) -> list[str]:
+    """Layers whose op still reads a computed weight after factoring (correct, but W' is built per forward)."""
+    from peftc.rewrite.graph_tools import TAG
+    out = []
+    for n in gm.graph.nodes:
+        idx = _WEIGHT_READERS.get(n.target) if n.op == "call_function" else None
+        if idx is None or len(n.args) <= idx:
+            continue
+        w = n.args[idx]
+        computed = isinstance(w, fx.Node) and w.op == "call_function" and TAG in w.meta
+        if computed and w.target is not torch.ops.aten.cat.default:
+            out.append(w.meta[TAG])
+    return sorted(set(out))
 
 
 def compile(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODELS, inputs_for, logits_of, peft_adapter, randomize_
+from conftest import MODELS, inputs_for, logits_of, peft_adapter
 
 import peftc
 

@@ -43,6 +43,10 @@ class Case:
     config: Callable[[], object]
     native: str            # the equivalent native spec; "{dir}" is replaced by the checkpoint folder
     mergeable: bool = True
+    # what peftc's merged graph must equal: peft's merge_and_unload() ("merged"), or peft's unmerged forward
+    # where peft's own merge changes the function (a tied embedding: peft's merge also rewrites the tied lm_head)
+    merged_ref: str = "merged"
+    check_native_merge: bool = False   # also compile the native spec with its `merge` clause (a few cases)
 
 
 def _native(method: str, body: str) -> str:
