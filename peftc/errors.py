@@ -37,9 +37,16 @@ class PeftcError(Exception):
         return text
 
 
-def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
-    """' (did you mean 'x'?)' for the closest choices, or ''."""
-    close = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5)
+def did_you_mean(word: str, choices: Iterable[str], n: int = 3, aliases: dict[str, str] | None = None) -> str:
+    """' (did you mean 'x'?)' for the closest choices, or ''. `aliases` maps other spellings (e.g. peft's
+    config keys) to a choice."""
+    choices = list(choices)
+    if aliases and word in aliases:
+        return f" (did you mean '{aliases[word]}'?)"
+    close = difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
+    if not close:
+        # a short name typed with extra letters: 'rnak' -> 'r'
+        close = [c for c in choices if len(c) <= 2 and word.lower().startswith(c.lower())][:n]
     if not close:
         return ""
     return " (did you mean " + " or ".join(f"'{c}'" for c in close) + "?)"

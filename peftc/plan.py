@@ -129,7 +129,9 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
         decl = method.options.get(key)
         if decl is None or decl.type == "targets":
             choices = [k for k, d in method.options.items() if d.type != "targets"]
-            raise _err(f"unknown option '{key}' for {method.name}{did_you_mean(key, choices)}; "
+            aliases = {d.config_key: k for k, d in method.options.items() if d.config_key and d.config_key != k}
+            aliases.update({"rank": "r"} if "r" in choices else {})
+            raise _err(f"unknown option '{key}' for {method.name}{did_you_mean(key, choices, aliases=aliases)}; "
                        f"options: {', '.join(choices)}", ad.option_spans.get(key), spec)
         try:
             options[key] = coerce_option(decl, value)
@@ -227,7 +229,8 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
     active = spec.active_names()
     for a in active:
         if a not in spec.adapters:
-            raise _err(f"'active' names unknown adapter '{a}'{did_you_mean(a, spec.adapters)}",
+            raise _err(f"'active' names unknown adapter '{a}'{did_you_mean(a, spec.adapters)}; "
+                       f"declared: {', '.join(spec.adapters) or 'none'}",
                        spec.active_spans.get(a), spec)
     plan = Plan(layers, {}, {}, train)
     for idx, (name, raw) in enumerate(spec.adapters.items()):

@@ -19,7 +19,6 @@ import torch
 from conftest import MODELS, compile_on, inputs_for, logits_of, max_diff, peft_adapter, randomize_, run_logits
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 
-import peftc
 from peftc import PeftcError
 
 TOL = 1e-5
@@ -56,12 +55,13 @@ def _native(method: str, body: str) -> str:
 CASES = [
     # ---- LoRA on Linear (llama: no biases)
     Case("llama-lora", "llama", lambda: lora(target_modules=["q_proj", "v_proj"]),
-         _native("lora(r = 4, alpha = 8)", "targets q_proj, v_proj")),
+         _native("lora(r = 4, alpha = 8)", "targets q_proj, v_proj"), check_native_merge=True),
     Case("llama-rslora", "llama", lambda: lora(r=4, lora_alpha=16, use_rslora=True,
                                                target_modules=["q_proj", "k_proj", "o_proj"]),
          _native("lora(r = 4, alpha = 16, rslora = true)", "targets q_proj, k_proj, o_proj")),
     Case("llama-lora_bias-nomerge", "llama", lambda: lora(lora_bias=True, target_modules=["q_proj", "v_proj"]),
-         _native("lora(r = 4, alpha = 8, lora_bias = true)", "targets q_proj, v_proj"), mergeable=False),
+         _native("lora(r = 4, alpha = 8, lora_bias = true)", "targets q_proj, v_proj"), mergeable=False,
+         check_native_merge=True),
     # rank_pattern / alpha_pattern; keys overlap, so first-match order matters (peft writes keys sorted,
     # and 'model.layers.1...' < 'q_proj' < 'v_proj', so the order survives the save)
     Case("llama-patterns", "llama",
@@ -70,7 +70,7 @@ CASES = [
                       alpha_pattern={"o_proj": 32, "v_proj": 3}),
          _native("lora(r = 4, alpha = 8)", "targets q_proj, v_proj, o_proj\n"
                  "    r at model.layers.1.self_attn.v_proj = 2\n    r at q_proj = 8\n    r at v_proj = 6\n"
-                 "    alpha at o_proj = 32\n    alpha at v_proj = 3")),
+                 "    alpha at o_proj = 32\n    alpha at v_proj = 3"), check_native_merge=True),
     Case("llama-regex", "llama", lambda: lora(target_modules=r".*\.layers\.1\..*_proj"),
          _native("lora(r = 4, alpha = 8)", r"targets /.*\.layers\.1\..*_proj/")),
     Case("llama-all-linear", "llama", lambda: lora(r=2, lora_alpha=4, target_modules="all-linear"),
@@ -84,14 +84,16 @@ CASES = [
          _native("lora(r = 4, alpha = 8)", "targets q_proj, up_proj\n    layers 0")),
     Case("llama-exclude", "llama",
          lambda: lora(target_modules="all-linear", exclude_modules=["down_proj", "model.layers.0.self_attn.q_proj"]),
-         _native("lora(r = 4, alpha = 8)", "targets all-linear\n    exclude down_proj, model.layers.0.self_attn.q_proj")),
+         _native("lora(r = 4, alpha = 8)",
+                 "targets all-linear\n    exclude down_proj, model.layers.0.self_attn.q_proj")),
+    # peft saves the base embedding too here (save_embedding_layers="auto" and 'embed_tokens' is targeted)
     Case("llama-embedding", "llama", lambda: lora(target_modules=["embed_tokens", "q_proj"]),
          _native("lora(r = 4, alpha = 8)", "targets embed_tokens, q_proj")),
     Case("llama-modules_to_save", "llama", lambda: lora(target_modules=["v_proj"], modules_to_save=["lm_head"]),
          _native("lora(r = 4, alpha = 8)", "targets v_proj\n    save lm_head")),
     # ---- GPT-2: transformers Conv1D (fan_in_fan_out), with biases
     Case("gpt2-lora", "gpt2", lambda: lora(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
-         _native("lora(r = 4, alpha = 8)", "targets c_attn, c_proj")),
+         _native("lora(r = 4, alpha = 8)", "targets c_attn, c_proj"), check_native_merge=True),
     Case("gpt2-lora_bias-rslora", "gpt2",
          lambda: lora(target_modules=["c_attn", "c_fc"], lora_bias=True, use_rslora=True, fan_in_fan_out=True),
          _native("lora(r = 4, alpha = 8, lora_bias = true, rslora = true)", "targets c_attn, c_fc")),
@@ -101,19 +103,21 @@ CASES = [
          lambda: lora(target_modules=["c_attn", "c_fc", "c_proj"], exclude_modules=r".*\.h\.0\.mlp\..*",
                       fan_in_fan_out=True),
          _native("lora(r = 4, alpha = 8)", "targets c_attn, c_fc, c_proj\n    exclude /.*\\.h\\.0\\.mlp\\..*/")),
-    Case("gpt2-embedding", "gpt2", lambda: lora(target_modules=["wte", "c_fc"], fan_in_fan_out=True),
-         _native("lora(r = 4, alpha = 8)", "targets wte, c_fc")),
+    # wte is tied to lm_head: peft adapts only the embedding lookup (its merge_and_unload also rewrites the tied
+    # lm_head, changing the function), so the merged reference is peft's unmerged forward
+    Case("gpt2-tied-embedding", "gpt2", lambda: lora(target_modules=["wte", "c_fc"], fan_in_fan_out=True),
+         _native("lora(r = 4, alpha = 8)", "targets wte, c_fc"), merged_ref="unmerged"),
     # ---- BERT with a classification head
     Case("bert-lora_bias", "bert-cls", lambda: lora(target_modules=["query", "value"], lora_bias=True),
-         _native("lora(r = 4, alpha = 8, lora_bias = true)", "targets query, value")),
+         _native("lora(r = 4, alpha = 8, lora_bias = true)", "targets query, value"), check_native_merge=True),
     Case("bert-seqcls-all-linear", "bert-cls", lambda: lora(target_modules="all-linear", task_type="SEQ_CLS"),
-         _native("lora(r = 4, alpha = 8)", "targets all-linear\n    save classifier")),
+         _native("lora(r = 4, alpha = 8)", "targets all-linear\n    save classifier"), check_native_merge=True),
     Case("bert-modules_to_save", "bert-cls",
          lambda: lora(target_modules=["query", "key"], modules_to_save=["classifier"]),
          _native("lora(r = 4, alpha = 8)", "targets query, key\n    save classifier")),
     # ---- custom models: Conv2d, Embedding
     Case("convnet-conv2d", "convnet", lambda: lora(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "fc1"]),
-         _native("lora(r = 2, alpha = 4)", "targets conv1, conv2, fc1")),
+         _native("lora(r = 2, alpha = 4)", "targets conv1, conv2, fc1"), check_native_merge=True),
     Case("convnet-conv2d-lora_bias", "convnet",
          lambda: lora(r=2, lora_alpha=4, target_modules=["conv1", "conv2"], lora_bias=True),
          _native("lora(r = 2, alpha = 4, lora_bias = true)", "targets conv1, conv2")),
@@ -122,28 +126,34 @@ CASES = [
     Case("convnet-all-linear", "convnet", lambda: lora(r=2, lora_alpha=2, target_modules="all-linear"),
          _native("lora(r = 2, alpha = 2)", "targets all-linear")),
     Case("token-mlp-embedding", "token-mlp", lambda: lora(target_modules=["emb", "lin0", "lin1"]),
-         _native("lora(r = 4, alpha = 8)", "targets emb, lin0, lin1")),
+         _native("lora(r = 4, alpha = 8)", "targets emb, lin0, lin1"), check_native_merge=True),
     Case("token-mlp-lora_bias", "token-mlp", lambda: lora(target_modules=["lin0", "lin1"], lora_bias=True),
          _native("lora(r = 4, alpha = 8, lora_bias = true)", "targets lin0, lin1")),
     # ---- DoRA
     Case("llama-dora", "llama", lambda: lora(target_modules=["q_proj", "v_proj"], use_dora=True),
-         _native("dora(r = 4, alpha = 8)", "targets q_proj, v_proj")),
+         _native("dora(r = 4, alpha = 8)", "targets q_proj, v_proj"), check_native_merge=True),
     Case("gpt2-dora", "gpt2", lambda: lora(target_modules=["c_attn", "c_fc"], use_dora=True, fan_in_fan_out=True),
-         _native("dora(r = 4, alpha = 8)", "targets c_attn, c_fc")),
+         _native("dora(r = 4, alpha = 8)", "targets c_attn, c_fc"), check_native_merge=True),
     Case("token-mlp-dora-rslora", "token-mlp",
          lambda: lora(target_modules=["lin0", "lin1"], use_dora=True, use_rslora=True),
          _native("dora(r = 4, alpha = 8, rslora = true)", "targets lin0, lin1")),
+    Case("token-mlp-dora-embedding", "token-mlp", lambda: lora(target_modules=["emb"], use_dora=True),
+         _native("dora(r = 4, alpha = 8)", "targets emb")),
+    Case("convnet-dora-conv2d", "convnet", lambda: lora(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "fc1"],
+                                                       use_dora=True),
+         _native("dora(r = 2, alpha = 4)", "targets conv1, conv2, fc1")),
     # ---- IA3
     Case("llama-ia3-ff", "llama",
          lambda: ia3(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
-         _native("ia3()", "targets k_proj, v_proj, down_proj\n    feedforward down_proj")),
+         _native("ia3()", "targets k_proj, v_proj, down_proj\n    feedforward down_proj"), check_native_merge=True),
     Case("llama-ia3-noff", "llama", lambda: ia3(target_modules=["q_proj", "up_proj"], feedforward_modules=[]),
          _native("ia3()", "targets q_proj, up_proj")),
     Case("gpt2-ia3", "gpt2",
          lambda: ia3(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True),
-         _native("ia3()", "targets c_attn, mlp.c_proj\n    feedforward mlp.c_proj")),
+         _native("ia3()", "targets c_attn, mlp.c_proj\n    feedforward mlp.c_proj"), check_native_merge=True),
     Case("bert-ia3", "bert-cls",
-         lambda: ia3(target_modules=["query", "value", "intermediate.dense"], feedforward_modules=["intermediate.dense"]),
+         lambda: ia3(target_modules=["query", "value", "intermediate.dense"],
+                     feedforward_modules=["intermediate.dense"]),
          _native("ia3()", "targets query, value, intermediate.dense\n    feedforward intermediate.dense")),
     Case("token-mlp-ia3", "token-mlp", lambda: ia3(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]),
          _native("ia3()", "targets lin0, lin1\n    feedforward lin1")),
@@ -157,8 +167,9 @@ class Prepared:
     inputs: dict
     base_out: torch.Tensor
     peft_out: torch.Tensor
-    merged_out: torch.Tensor | None
-    merged_state: dict | None
+    merged_out: torch.Tensor | None      # what a merged peftc graph must compute
+    merged_state: dict | None            # peft's merge_and_unload() state dict
+    base_state: dict
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.id for c in CASES])
@@ -171,9 +182,19 @@ def prepared(request, tmp_path_factory) -> Prepared:
     merged_out = merged_state = None
     if case.mergeable:
         merged = copy.deepcopy(pm).merge_and_unload()
-        merged_out = run_logits(merged, x)
         merged_state = {k: v.detach().clone() for k, v in merged.state_dict().items()}
-    return Prepared(case, str(d), x, base_out, peft_out, merged_out, merged_state)
+        merged_out = run_logits(merged, x) if case.merged_ref == "merged" else peft_out
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    return Prepared(case, str(d), x, base_out, peft_out, merged_out, merged_state, base_state)
+
+
+def _import(prepared: Prepared) -> str:
+    return f'adapter default: import "{prepared.dir}"'
+
+
+def _mts_modules(prepared: Prepared) -> list[str]:
+    cfg = prepared.case.config()
+    return list(cfg.modules_to_save or []) + (["classifier"] if cfg.task_type == "SEQ_CLS" else [])
 
 
 def test_adapter_is_not_a_noop(prepared):
@@ -181,7 +202,7 @@ def test_adapter_is_not_a_noop(prepared):
 
 
 def test_import_unmerged_matches_peft(prepared):
-    gm = compile_on(f'adapter default: import "{prepared.dir}"', prepared.case.model)
+    gm = compile_on(_import(prepared), prepared.case.model)
     out = run_logits(gm, prepared.inputs)
     assert max_diff(out, prepared.peft_out) <= TOL
     assert max_diff(out, prepared.base_out) > CHANGED
@@ -197,33 +218,55 @@ def test_native_spec_unmerged_matches_peft(prepared):
 def test_import_merged_matches_peft(prepared):
     case = prepared.case
     base = MODELS[case.model]()
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    spec = f'adapter default: import "{prepared.dir}"'
     if not case.mergeable:
         with pytest.raises(PeftcError):
-            compile_on(spec, case.model, base, merge=True)
+            compile_on(_import(prepared), case.model, base, merge=True)
         return
-    gm = compile_on(spec, case.model, base, merge=True)
+    gm = compile_on(_import(prepared), case.model, base, merge=True)
     out = run_logits(gm, prepared.inputs)
     assert max_diff(out, prepared.merged_out) <= TOL
     assert max_diff(out, prepared.base_out) > CHANGED
-    # the merged graph is the base graph with new weights, under the base parameter names
-    sd = gm.state_dict()
-    changed = 0
-    for name, ref in prepared.merged_state.items():
-        if name in sd and not torch.equal(ref, before[name]):
-            assert max_diff(sd[name], ref) <= TOL, name
-            changed += 1
-    assert changed > 0
-    # no adapter tensors are left in a fully merged graph
+    # a fully merged graph has no trainable adapter tensors left
     assert not any(p.requires_grad for p in gm.parameters())
     # compiling never touches the caller's model
     after = base.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(v, after[k]) for k, v in prepared.base_state.items())
+    if case.merged_ref != "merged":
+        return
+    # the merged graph is the base graph with new weights, under the base parameter names
+    sd = gm.state_dict()
+    mts = tuple(m + "." for m in _mts_modules(prepared))
+    changed = 0
+    for name, ref in prepared.merged_state.items():
+        if name.startswith(mts) or name not in sd or torch.equal(ref, prepared.base_state[name]):
+            continue
+        assert max_diff(sd[name], ref) <= TOL, name
+        changed += 1
+    assert changed > 0
 
 
-def test_native_merged_clause_matches_peft(prepared):
-    """The spec's own `merge` clause gives the same result as merge=True."""
+MTS_CASES = [c for c in CASES if c.mergeable and (c.config().modules_to_save or c.config().task_type == "SEQ_CLS")]
+
+
+@pytest.mark.parametrize("prepared", MTS_CASES, ids=[c.id for c in MTS_CASES], indirect=True)
+def test_merged_modules_to_save_under_base_names(prepared):
+    """peft's merge_and_unload() puts the saved copy of a modules_to_save module in the base module's place;
+    a merged peftc graph should likewise hold it under the base parameter names (a merged checkpoint)."""
+    gm = compile_on(_import(prepared), prepared.case.model, merge=True)
+    sd = gm.state_dict()
+    mts = tuple(m + "." for m in _mts_modules(prepared))
+    names = [n for n in prepared.merged_state if n.startswith(mts)]
+    assert names and any(not torch.equal(prepared.merged_state[n], prepared.base_state[n]) for n in names)
+    for n in names:
+        assert max_diff(sd[n], prepared.merged_state[n]) <= TOL, n
+
+
+NATIVE_MERGE_CASES = [c for c in CASES if c.check_native_merge]
+
+
+@pytest.mark.parametrize("prepared", NATIVE_MERGE_CASES, ids=[c.id for c in NATIVE_MERGE_CASES], indirect=True)
+def test_native_merge_clause_matches_peft(prepared):
+    """The spec's own `merge` clause gives the same result as merge=True (on a subset of the cases)."""
     case = prepared.case
     spec = case.native.replace("{dir}", prepared.dir).replace("    weights", "    merge\n    weights")
     if not case.mergeable:
@@ -323,21 +366,39 @@ def test_two_ia3_on_the_same_layers(tmp_path):
     assert max_diff(run_logits(compile_on(spec, "llama", merge=True), x), ref) <= TOL
 
 
-def test_lora_and_dora_on_different_layers(tmp_path):
-    cfg_a = lora(target_modules=["q_proj", "up_proj"])
-    cfg_b = lora(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"], use_dora=True)
-    _, _, da = peft_adapter("llama", cfg_a, tmp_path / "a", seed=5)
-    _, _, db = peft_adapter("llama", cfg_b, tmp_path / "b", seed=6)
-    base = MODELS["llama"]()
+@pytest.fixture(scope="module")
+def lora_and_dora(tmp_path_factory):
+    """A LoRA and a DoRA adapter sharing layers. In peft the order of the active adapters matters: DoRA rescales
+    the output accumulated so far (base + the adapters before it), normalising by ||W0 + s B A||."""
+    tmp = tmp_path_factory.mktemp("lora_dora")
+    cfg_a = lora(target_modules=["q_proj", "v_proj", "up_proj"])
+    cfg_b = lora(r=2, lora_alpha=4, target_modules=["v_proj", "up_proj", "down_proj"], use_dora=True)
+    _, _, da = peft_adapter("llama", cfg_a, tmp / "a", seed=5)
+    _, _, db = peft_adapter("llama", cfg_b, tmp / "b", seed=6)
     x = inputs_for("llama")
-    pm = PeftModel.from_pretrained(copy.deepcopy(base), str(da), adapter_name="a")
+    pm = PeftModel.from_pretrained(MODELS["llama"](), str(da), adapter_name="a")
     pm.load_adapter(str(db), adapter_name="b")
     pm.eval()
-    pm.base_model.set_adapter(["a", "b"])
-    ref = run_logits(pm, x)
-    spec = (f'adapter a: lora(r = 4, alpha = 8) {{ targets q_proj, up_proj\n weights "{da}" }}\n'
-            f'adapter b: dora(r = 2, alpha = 4) {{ targets v_proj, down_proj\n weights "{db}"\n merge }}\n')
-    assert max_diff(run_logits(compile_on(spec, "llama"), x), ref) <= TOL
+    out = {}
+    for order in (["a", "b"], ["b", "a"]):
+        pm.base_model.set_adapter(order)
+        out["+".join(order)] = run_logits(pm, x)
+    assert max_diff(out["a+b"], out["b+a"]) > CHANGED  # the order really matters
+    spec = (f'adapter a: lora(r = 4, alpha = 8) {{\n    targets q_proj, v_proj, up_proj\n    weights "{da}"\n}}\n'
+            f'adapter b: dora(r = 2, alpha = 4) {{\n    targets v_proj, up_proj, down_proj\n    weights "{db}"\n}}\n')
+    return {"spec": spec, "x": x, "out": out}
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
+def test_lora_then_dora_on_shared_layers(lora_and_dora, merge):
+    gm = compile_on(lora_and_dora["spec"], "llama", merge=merge)
+    assert max_diff(run_logits(gm, lora_and_dora["x"]), lora_and_dora["out"]["a+b"]) <= TOL
+
+
+def test_active_order_decides_the_application_order(lora_and_dora):
+    """`active b, a` applies b first, as peft's set_adapter(["b", "a"]) does."""
+    gm = compile_on(lora_and_dora["spec"] + "active b, a\n", "llama")
+    assert max_diff(run_logits(gm, lora_and_dora["x"]), lora_and_dora["out"]["b+a"]) <= TOL
 
 
 # ---------------------------------------------------------------- refusals
@@ -349,7 +410,7 @@ def test_lora_bias_without_base_bias_refuses_merge(tmp_path):
     with pytest.raises(PeftcError):
         compile_on(f'adapter default: import "{d}"', "llama", merge=True)
     with pytest.raises(PeftcError):
-        compile_on(f'adapter default: lora(r = 4, alpha = 8, lora_bias = true) {{ targets q_proj\n merge }}',
+        compile_on('adapter default: lora(r = 4, alpha = 8, lora_bias = true) { targets q_proj\n merge }',
                    "llama")
 
 
