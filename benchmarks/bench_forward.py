@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import copy
 import json
+import logging
 import os
 import platform
 import random
@@ -35,6 +36,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
+for _name in ("torch", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -7,14 +7,13 @@ only/default one lives in a subfolder named after it.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from peftc.atomic import atomic_write_bytes, check_dir_target
 from peftc.errors import PeftcError
 from peftc.lang.methods import MethodDef, coerce_option
 from peftc.spec.model import AdapterSpec, PerPattern, Span, TargetRule
@@ -148,22 +147,10 @@ def task_head_candidates(config: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------- writing
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_checkpoint(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """Write adapter_config.json and adapter_model.safetensors atomically."""
     from safetensors.torch import save
+    check_dir_target(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write_bytes(directory / SAFETENSORS_NAME, save(tensors, metadata={"format": "pt"}))
     atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())

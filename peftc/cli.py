@@ -30,6 +30,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     for name in ("torch", "torch.export", "torch.onnx", "torch._dynamo", "onnxscript", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    try:  # peftc shows its own progress (on a terminal only); transformers' bars would reach pipes and CI logs
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("model", help="HF model directory, file.py:callable, package.module:callable, or a built-in "
                                      "name (peftc inspect --builtins)")
         _model_args(p)
-        p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+        p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress output")
         return p
 
     p = spec_model("compile", "compile a spec onto a model and write a .pt2 (torch.export) file")
@@ -74,13 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="model reference (omit with --builtins)")
     p.add_argument("--builtins", action="store_true", help="list the built-in models")
     _model_args(p)
-    p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
 
     p = sub.add_parser("import", help="write a spec that loads PEFT checkpoint directories")
     p.add_argument("adapters", nargs="+", help="PEFT checkpoint directories")
     p.add_argument("-o", "--output", required=True, help="output .peft spec")
     p.add_argument("--merge", action="store_true", help="mark the imported adapters as merged")
-    p.add_argument("--quiet", "-q", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
     return ap
 
 
@@ -89,9 +94,24 @@ def _say(quiet: bool, text: str) -> None:
         print(text, file=sys.stderr)
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse an unusable output path before any work is done."""
+    from pathlib import Path
+    out = getattr(args, "output", None)
+    if out is None:
+        return
+    p = Path(out)
+    if args.cmd == "save":
+        if p.exists() and not p.is_dir():
+            raise PeftcError(f"output path {p} exists and is not a directory")
+    elif p.is_dir():
+        raise PeftcError(f"output path {p} is a directory; give a file name")
+
+
 def _run(args: argparse.Namespace) -> int:
     from peftc.progress import set_quiet
     set_quiet(args.quiet)
+    _check_output(args)
     if args.cmd == "import":
         from peftc.importer import import_spec
         text = import_spec(args.adapters, args.output, merge=args.merge)
@@ -145,11 +165,10 @@ def _run(args: argparse.Namespace) -> int:
         from peftc.progress import step
         with step("Exporting ONNX and checking it in onnxruntime"):
             result = export_onnx(gm, args.output, check=not args.no_check, tol=args.tol, config=compiled.model.config)
-        line = f"wrote {args.output}: {summary} (total {time.perf_counter() - t0:.1f}s)"
+        _say(args.quiet, f"wrote {args.output}: {summary} (total {time.perf_counter() - t0:.1f}s)")
         if result is not None:
             shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result.input_shapes.items())
-            line += f"\nonnxruntime check: max abs diff {result.max_abs_diff:.2e} vs torch ({shapes})"
-        print(line)
+            print(f"onnxruntime check: max abs diff {result.max_abs_diff:.2e} vs torch ({shapes})")
         return 0
     if args.cmd == "save":
         from peftc.emit.checkpoint import save_adapter

@@ -6,7 +6,8 @@ import os
 import re
 from pathlib import Path
 
-from peftc.checkpoint import atomic_write_bytes, read_adapter_config, read_adapter_tensors
+from peftc.atomic import atomic_write_bytes
+from peftc.checkpoint import read_adapter_config, read_adapter_tensors
 from peftc.errors import PeftcError
 from peftc.library import library
 

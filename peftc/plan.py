@@ -25,7 +25,7 @@ from peftc.checkpoint import (
 )
 from peftc.errors import PeftcError, did_you_mean
 from peftc.lang.evaluate import EvalError, evaluate
-from peftc.lang.methods import MethodDef, ParamDecl, SiteProgram, coerce_option, instantiate
+from peftc.lang.methods import MethodDef, ParamDecl, RequireFailed, SiteProgram, coerce_option, instantiate
 from peftc.library import Library, library
 from peftc.ops import Init
 from peftc.spec.model import AdapterSpec, Span, Spec
@@ -304,8 +304,12 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                     lopts[decl.name] = False
             try:
                 prog = instantiate(method, kind, lopts, dict(layer.dims))
-            except PeftcError as e:
-                raise _err(f"adapter '{name}' on '{lname}': {e.message}", ad.span, spec) from None
+            except RequireFailed as e:
+                opts = [n for n in e.names if n in ad.option_spans]
+                about_layer = bool(e.names & set(layer.dims))
+                where = f" on '{lname}'" if about_layer else ""
+                span = ad.option_spans[opts[0]] if opts else ad.span
+                raise _err(f"adapter '{name}'{where}: {e.message}", span, spec) from None
             if merge and not prog.mergeable:
                 raise _err(f"adapter '{name}' cannot be merged into '{lname}' ({method.name} with these options "
                            "is not mergeable here); drop `merge` / --merge", ad.span, spec)

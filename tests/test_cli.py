@@ -432,9 +432,30 @@ def case_not_mergeable(w, t, out):
             ["cannot be merged", "model.layers.0.self_attn.q_proj"])
 
 
+def case_output_is_a_directory_import(w, t, out):
+    target = out / "taken"
+    target.mkdir()
+    return ["import", w["adapter"], "-o", target], [w["adapter"]], [str(target)]
+
+
+def case_output_is_a_directory_compile(w, t, out):
+    s = _import_spec(t, w["adapter"])
+    target = out / "taken.pt2"
+    target.mkdir()
+    return ["compile", s, w["model"], "-o", target], [s, w["adapter"], w["model"]], [str(target)]
+
+
+def case_save_onto_an_existing_file(w, t, out):
+    s = _import_spec(t, w["adapter"])
+    target = out / "taken"
+    target.write_text("not a folder\n")
+    return ["save", s, w["model"], "-o", target], [s, w["adapter"], target], [str(target)]
+
+
 BAD = [case_syntax_error, case_unknown_option, case_target_matches_nothing, case_missing_tensor, case_extra_tensor,
        case_wrong_shape, case_unsupported_peft_type, case_truncated_safetensors, case_corrupt_safetensors_import,
-       case_model_path_missing, case_not_mergeable]
+       case_model_path_missing, case_not_mergeable, case_output_is_a_directory_import,
+       case_output_is_a_directory_compile, case_save_onto_an_existing_file]
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c.__name__[5:] for c in BAD])

@@ -3,7 +3,6 @@ against the torch graph on a fresh input of another batch size and length. Model
 external data. Written atomically: a temp folder, then rename."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from peftc.atomic import check_file_target, finish_file
 from peftc.errors import PeftcError
 from peftc.models import fresh_like
 from peftc.trace import dynamic_shapes_for
@@ -77,9 +77,9 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
     inputs = inputs if inputs is not None else gm.peftc_inputs
     nbytes = sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))
     external = nbytes > TWO_GB
+    check_file_target(path)
     was = gm.training
     gm.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         tmp = tmpdir / path.name
@@ -96,7 +96,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
             gm.train(was)
         result = check_onnx(gm, tmp, fresh_like(inputs, config), tol) if check else None
         for f in tmpdir.iterdir():
-            os.replace(f, path.parent / f.name)
+            finish_file(f, path.parent / f.name)
         return result
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -1,13 +1,12 @@
 """Emit a compiled GraphModule as a .pt2 file (torch.export.save), written atomically."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import fx
 
+from peftc.atomic import atomic_path
 from peftc.errors import PeftcError
 from peftc.trace import dynamic_shapes_for
 
@@ -29,13 +28,6 @@ def save_pt2(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tenso
     path = Path(path)
     inputs = inputs if inputs is not None else gm.peftc_inputs
     ep = export_graph(gm, inputs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pt2", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.export.save(ep, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        torch.export.save(ep, str(tmp))
     return path

@@ -18,10 +18,27 @@ from lark.exceptions import LarkError, UnexpectedInput
 
 from peftc.errors import PeftcError
 from peftc.lang.evaluate import EvalError, evaluate
-from peftc.lang.expr import Expr, to_expr
+from peftc.lang.expr import Expr, names_in, to_expr
 from peftc.resources import grammar_text
 
 OPTION_TYPES = ("int", "float", "bool", "str", "targets")
+
+
+class RequireFailed(PeftcError):
+    """A method's `require` did not hold; `names` are the names its condition reads."""
+
+    def __init__(self, message: str, names: set[str]) -> None:
+        super().__init__(message)
+        self.names = names
+
+
+def spec_repr(value: Any) -> str:
+    """A value as the spec language writes it (true/false, quoted strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
 
 
 @dataclass
@@ -179,21 +196,21 @@ def coerce_option(decl: OptionDecl, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ValueError(f"expects an integer, got {value!r}")
+            raise ValueError(f"expects an integer, got {spec_repr(value)}")
         return value
     if t == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"expects a number, got {value!r}")
+            raise ValueError(f"expects a number, got {spec_repr(value)}")
         return float(value)
     if t == "bool":
         if not isinstance(value, bool):
-            raise ValueError(f"expects true or false, got {value!r}")
+            raise ValueError(f"expects true or false, got {spec_repr(value)}")
         return value
     if t == "str":
         if isinstance(value, bool) and value in decl.values:
             return decl.values[value]
         if not isinstance(value, str):
-            raise ValueError(f"expects a string, got {value!r}")
+            raise ValueError(f"expects a string, got {spec_repr(value)}")
         return value
     return value  # targets: handled by the planner
 
@@ -234,7 +251,7 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
                 prog.dropout = (p, st.args[1])
         elif st.kind == "require":
             if not evaluate(st.args[0], env):
-                raise PeftcError(f"{method.name}: {st.args[1]}")
+                raise RequireFailed(f"{method.name}: {st.args[1]}", names_in(st.args[0]))
         elif st.kind == "when":
             cond, then, other = st.args
             walk(then if evaluate(cond, env) else other)

@@ -29,12 +29,13 @@ def spec_parser() -> Lark:
 
 def _expected(e: UnexpectedInput) -> str:
     exp = sorted(getattr(e, "expected", None) or getattr(e, "allowed", None) or [])
-    words = [_TOKEN_WORDS.get(t, repr(t.lower().strip('"')) if t.isupper() else t) for t in exp]
-    words = sorted(set(words))
+    words = sorted({_TOKEN_WORDS.get(t, repr(t.lower().strip('"')) if t.isupper() else t) for t in exp})
+    # closing brackets first: they are what an unfinished block or call usually lacks
+    words.sort(key=lambda w: (w not in ("'}'", "')'"), w))
     if not words:
         return ""
-    if len(words) > 6:
-        words = words[:6] + ["..."]
+    if len(words) > 8:
+        words = words[:8] + ["..."]
     return "; expected " + ", ".join(words)
 
 
@@ -57,8 +58,11 @@ def parse_spec(text: str, file: str = "<spec>") -> Spec:
     try:
         tree = spec_parser().parse(text)
     except UnexpectedToken as e:
-        got = "end of file" if e.token.type == "$END" else repr(str(e.token))
-        raise PeftcError(f"syntax error: unexpected {got}{_expected(e)}", file=file, line=e.line,
+        if e.token.type == "$END":
+            lines = text.splitlines() or [""]
+            raise PeftcError(f"syntax error: unexpected end of file{_expected(e)}", file=file, line=len(lines),
+                             column=len(lines[-1]) + 1, source=text) from None
+        raise PeftcError(f"syntax error: unexpected {str(e.token)!r}{_expected(e)}", file=file, line=e.line,
                          column=e.column, source=text) from None
     except UnexpectedCharacters as e:
         raise PeftcError(f"syntax error: unexpected character {text[e.pos_in_stream]!r}{_expected(e)}",
