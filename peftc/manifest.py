@@ -23,6 +23,7 @@ class AdapterRecord:
     merged: bool = False
     active: bool = True
     extra_config: dict[str, Any] = field(default_factory=dict)  # config keys carried over from an import
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # saved base weights, written back as is
 
 
 @dataclass

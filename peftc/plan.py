@@ -62,6 +62,7 @@ class AdapterPlan:
     merge: bool = False
     active: bool = True
     source: str = "fresh"                    # fresh | weights | import
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint key -> a saved base weight
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Plan:
     sites: dict[str, list[SiteAdapter]]      # layer -> adapters, in application order
     adapters: dict[str, AdapterPlan]
     train: bool = False
+    base_overrides: dict[str, torch.Tensor] = field(default_factory=dict)  # base param FQN -> value to use
 
     def trainable_count(self) -> int:
         n = 0
@@ -358,6 +360,19 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                     copy[pname] = p.detach().clone()
             ap.modules_to_save[m] = copy
         if tensors_src is not None:
+            # peft saves whole embedding matrices (save_embedding_layers) as <layer>.base_layer.weight:
+            # they are the base weights the adapter was trained on, and replace the model's own
+            for lname in matched:
+                key = f"{PREFIX}{lname}.base_layer.weight"
+                if key in tensors_src and lname in layers:
+                    t = tensors_src[key]
+                    want = tuple(params[layers[lname].weight].shape)
+                    if tuple(t.shape) != want:
+                        raise PeftcError(f"{src_file}: tensor '{key}' has shape {list(t.shape)}, expected {list(want)}")
+                    used_keys.add(key)
+                    ap.base_weights[key] = t
+                    if not torch.equal(t.to(params[layers[lname].weight].dtype), params[layers[lname].weight]):
+                        plan.base_overrides[layers[lname].weight] = t.to(params[layers[lname].weight].dtype)
             extra = sorted(set(tensors_src) - used_keys)
             if extra:
                 more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""

@@ -128,8 +128,9 @@ def test_factored_and_folded_forms_agree(key, tmp_path):
 
 
 def _adapter_nodes(gm) -> set:
-    registered = gm.peftc.registered
-    return {n for n in gm.graph.nodes if n.op == "get_attr" and n.target in registered}
+    """get_attr nodes reading a trainable (adapter) tensor."""
+    live = {n for n, p in gm.named_parameters() if p.requires_grad}
+    return {n for n in gm.graph.nodes if n.op == "get_attr" and n.target in live}
 
 
 DENSE_OPS = {aten.mm.default, aten.matmul.default, aten.bmm.default, aten.outer.default, aten.addmm.default}

@@ -285,8 +285,8 @@ def two_loras(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_loras")
     cfg_a = lora(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     cfg_b = lora(r=2, lora_alpha=5, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"])
-    _, pa, da = peft_adapter("llama", cfg_a, tmp / "a", seed=11)
-    _, pb, db = peft_adapter("llama", cfg_b, tmp / "b", seed=12)
+    _, _, da = peft_adapter("llama", cfg_a, tmp / "a", seed=11)
+    _, _, db = peft_adapter("llama", cfg_b, tmp / "b", seed=12)
     base = MODELS["llama"]()
     x = inputs_for("llama")
     pm = PeftModel.from_pretrained(copy.deepcopy(base), str(da), adapter_name="a")
@@ -328,6 +328,7 @@ def test_two_loras_both_merged(two_loras):
     assert max_diff(run_logits(gm, two_loras["x"]), two_loras["out"]["a+b"]) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("active", ["a", "b"])
 def test_inactive_adapter_has_no_effect(two_loras, active):
     spec = _two_lora_spec(two_loras["a"], two_loras["b"], active=active)
@@ -346,6 +347,7 @@ def test_one_merged_one_unmerged(two_loras):
     assert not any(".a." in n for n, _ in gm.named_parameters())
 
 
+@pytest.mark.slow
 def test_two_ia3_on_the_same_layers(tmp_path):
     """IA3 adapters compose multiplicatively in peft; peftc chains W' = T_b(T_a(W))."""
     cfg_a = ia3(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])

@@ -226,6 +226,7 @@ def test_trained_adapter_loads_in_transformers(trained, tmp_path):
     assert max_diff(out, trained["eval_outs"][0]) <= TOL
 
 
+@pytest.mark.slow
 def test_trained_adapter_reimports_in_peftc(trained):
     """save_adapter output is valid peftc input too: import it, merged and unmerged."""
     spec = f'adapter default: import "{trained["dir"]}"'

@@ -63,6 +63,7 @@ def adapter_tensors(rec: AdapterRecord) -> dict[str, torch.Tensor]:
     for mod, params in rec.modules_to_save.items():
         for pname, t in params.items():
             out[f"{PREFIX}{mod}.{pname}"] = t.detach()
+    out.update({k: t.detach() for k, t in rec.extra_tensors.items()})
     return out
 
 

@@ -31,14 +31,21 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 def fold_frozen(manifest: Manifest) -> Any:
     def run(gm: fx.GraphModule) -> PassResult:
         const: set[fx.Node] = set()
+        adapted: set[fx.Node] = set()   # constant nodes that read an adapter tensor
         for n in gm.graph.nodes:
             if n.op == "get_attr":
                 if n.target not in manifest.live:
                     const.add(n)
+                    if n.target in manifest.registered:
+                        adapted.add(n)
             elif n.op == "call_function" and TAG in n.meta and n.target is not dropin:
                 if all(a in const for a in n.all_input_nodes):
                     const.add(n)
-        roots = [n for n in const if n.op == "call_function" and any(u not in const for u in n.users)]
+                    if any(a in adapted for a in n.all_input_nodes):
+                        adapted.add(n)
+        # fold only what involves a merged adapter: a mere view of a base weight (GPT-2's transposed
+        # Conv1D weight) stays a view, rather than becoming a second copy of the weight
+        roots = [n for n in adapted if n.op == "call_function" and any(u not in const for u in n.users)]
         if not roots:
             return PassResult(gm, False)
         values: dict[fx.Node, Any] = {}

@@ -51,27 +51,38 @@ def module_of(node: fx.Node) -> str | None:
     return path.split("@")[0] if isinstance(path, str) else None
 
 
-def _consumers(gm: fx.GraphModule, fqn: str | None, layer: str) -> tuple[fx.Node | None, list[fx.Node]]:
-    """A get_attr node reading the tensor at `fqn`, and the nodes of module `layer` that read it."""
+def _consumers(gm: fx.GraphModule, fqn: str | None, layer: str) -> tuple[fx.Node | None, list[tuple[fx.Node, fx.Node]]]:
+    """A get_attr node reading the tensor at `fqn`, and (node, get_attr it reads) for every node of module
+    `layer` that reads that tensor (a tied weight has readers in other modules too; they are left alone)."""
     if fqn is None or not has_path(gm, fqn):
         return None, []
     t = get_path(gm, fqn)
     reader, users = None, []
     for n in gm.graph.nodes:
         if n.op == "get_attr" and get_path(gm, n.target) is t:
-            reader = reader or n
-            users += [u for u in n.users if module_of(u) in (None, layer)]
+            mine = [(u, n) for u in n.users if module_of(u) in (None, layer)]
+            if mine and reader is None:
+                reader = n
+            users += mine
     return reader, users
 
 
 def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
     def run(gm: fx.GraphModule) -> PassResult:
         modified = False
+        for fqn, value in plan.base_overrides.items():
+            old = get_path(gm, fqn)
+            new = nn.Parameter(value.clone(), requires_grad=False)
+            for name, p in list(gm.named_parameters(remove_duplicate=False)):
+                if p is old:
+                    set_path(gm, name, new)
+            modified = True
         for name, ap in plan.adapters.items():
             manifest.adapters[name] = AdapterRecord(name, ap.method.name, dict(ap.options), {}, {},
                                                     merged=ap.merge, active=ap.active,
                                                     extra_config={k: v for k, v in ap.spec.extra_config.items()
-                                                                  if not k.startswith("__")})
+                                                                  if not k.startswith("__")},
+                                                    extra_tensors=dict(ap.base_weights))
         for lname, sas in plan.sites.items():
             layer = plan.layers[lname]
             # register every adapter tensor once per layer
@@ -102,14 +113,19 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
             for mod, params in ap.modules_to_save.items():
                 rec.modules_to_save[mod] = {}
                 for pname, t in params.items():
-                    path = f"{mod}.modules_to_save.{name}.{pname}"
                     live = ap.active and not ap.merge
                     p = nn.Parameter(t.clone(), requires_grad=live)
+                    rec.modules_to_save[mod][pname] = p
+                    if ap.active and ap.merge:
+                        # merged: the trained copy simply becomes the module's weights, under the base name
+                        set_path(gm, f"{mod}.{pname}", p)
+                        modified = True
+                        continue
+                    path = f"{mod}.modules_to_save.{name}.{pname}"
                     set_path(gm, path, p)
                     manifest.registered.add(path)
                     if live:
                         manifest.live.add(path)
-                    rec.modules_to_save[mod][pname] = p
                     if not ap.active:
                         continue
                     base_t = get_path(gm, f"{mod}.{pname}")
@@ -131,18 +147,19 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
     """Replace the layer's weight (and bias) wherever the layer's own ops read them by W' = T(W, theta)."""
     if not sas:
         return False
-    wnode, w_users = _consumers(gm, layer.weight, layer.name)
-    bnode, b_users = _consumers(gm, layer.bias, layer.name)
-    if not w_users:
+    wnode, w_reads = _consumers(gm, layer.weight, layer.name)
+    bnode, b_reads = _consumers(gm, layer.bias, layer.name)
+    if not w_reads:
         return False  # the layer is never called in this forward
+    w_users = [u for u, _ in w_reads]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    anchor = min(w_users + b_users, key=order.get)
+    anchor = min(w_users + [u for u, _ in b_reads], key=order.get)
     b = GraphBuilder(gm, anchor, layer.name, meta_from=min(w_users, key=order.get))
     w_cur: Any = b.apply(TENSOR_OPS["t"], aten.t.default, [wnode]) if layer.kind == "conv1d_hf" else wnode
     b_cur: Any = bnode
     # Adapters compose in order, merged ones first: W'' = T2(T1(W)). Methods see the current weight as
-    # W and the weight before any live adapter (base plus merged adapters) as W0: DoRA normalises by
-    # W0 + s*B@A, as peft does when several adapters are active.
+    # W and the base weight as W0: DoRA normalises by ||W0 + s*B@A||, as peft does when several adapters
+    # are active (and when it merges them), so merging never changes what the model computes.
     w_base = w_cur
     for sa in sas:
         prog = sa.program
@@ -164,18 +181,16 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
             marked = b.apply(TENSOR_OPS["dropin"], TENSOR_OPS["dropin"].target, [delta, mpath])
             w_new = b.apply(TENSOR_OPS["add"], aten.add.Tensor, [w_cur, marked])
         w_cur, b_cur = w_new, b_new
-        if sa.merge:
-            w_base = w_cur
     w_out = b.apply(TENSOR_OPS["t"], aten.t.default, [w_cur]) if layer.kind == "conv1d_hf" else w_cur
     if w_out is not wnode:
         w_out.meta[BASE] = layer.weight
-        for u in w_users:
-            u.replace_input_with(wnode, w_out)
+        for u, read in w_reads:
+            u.replace_input_with(read, w_out)
     if b_cur is not bnode and b_cur is not None:
         if bnode is not None:
             b_cur.meta[BASE] = layer.bias
-            for u in b_users:
-                u.replace_input_with(bnode, b_cur)
+            for u, read in b_reads:
+                u.replace_input_with(read, b_cur)
         else:
             _add_bias(layer, w_users, b_cur)
     for u in w_users:
