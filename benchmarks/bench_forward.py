@@ -36,14 +36,15 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
-for _name in ("torch", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import peftc  # noqa: E402
 from peftc.builtin_models import BUILTINS  # noqa: E402
+
+for _name in ("torch", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LOAD = "load"

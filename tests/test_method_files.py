@@ -92,6 +92,9 @@ SITES = {
                                            " feedforward down_proj }"),
     ("ia3", "conv1d_hf", "ff-and-not"): ("gpt2", 'ia3(init = "random") { targets c_attn, mlp.c_proj\n'
                                                  " feedforward mlp.c_proj }"),
+    ("ia3", "conv1d", "ff"): ("seqvol", 'ia3(init = "random") { targets seq\n feedforward seq }'),
+    ("ia3", "conv2d", "ff-and-not"): ("convnet", 'ia3(init = "random") { targets conv1, conv2\n feedforward conv2 }'),
+    ("ia3", "conv3d", "not-ff"): ("seqvol", 'ia3(init = "random") { targets vol }'),
 }
 IDS = ["-".join(k) for k in SITES]
 
@@ -176,6 +179,22 @@ def test_conv1d_conv3d_lora_matches_peft(targets, lora_bias, tmp_path):
     assert max_diff(run_logits(_compile(spec, "seqvol"), x), ref) <= TOL
     merged = run_logits(copy.deepcopy(pm).merge_and_unload(), x)
     assert max_diff(run_logits(_compile(spec, "seqvol", merge=True), x), merged) <= TOL
+
+
+@pytest.mark.parametrize("ff", [[], ["conv2"], ["conv1", "conv2"]], ids=["out", "ff-one", "ff-all"])
+def test_ia3_conv2d_matches_peft(ff, tmp_path):
+    x = inputs_for("convnet")
+    base = MODELS["convnet"]()
+    cfg = IA3Config(target_modules=["conv1", "conv2", "fc1"], feedforward_modules=ff, init_ia3_weights=False)
+    pm = get_peft_model(copy.deepcopy(base), cfg).eval()
+    randomize_(pm, seed=4)
+    pm.save_pretrained(str(tmp_path))
+    ref = run_logits(pm, x)
+    assert max_diff(ref, run_logits(base, x)) > CHANGED
+    spec = f'adapter default: import "{tmp_path}"'
+    assert max_diff(run_logits(_compile(spec, "convnet"), x), ref) <= TOL
+    merged = run_logits(copy.deepcopy(pm).merge_and_unload(), x)
+    assert max_diff(run_logits(_compile(spec, "convnet", merge=True), x), merged) <= TOL
 
 
 # ---------------------------------------------------------------- bf16 merges

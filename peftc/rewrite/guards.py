@@ -25,6 +25,11 @@ def guards(gm: fx.GraphModule) -> dict[str, Callable[..., Any]]:
         sl, sv = shape(l_), shape(v)
         return sl is not None and sv is not None and len(sv) == 2 and sl == (1, sv[1])
 
+    def in_channels_of(l_: Any, v: Any) -> bool:
+        sl, sv = shape(l_), shape(v)
+        return sl is not None and sv is not None and len(sl) == len(sv) and sl[:2] == (1, sv[1]) \
+            and all(d == 1 for d in sl[2:])
+
     def adapted(v: Any) -> bool:
         return isinstance(v, fx.Node) and TAG in v.meta
 
@@ -38,4 +43,4 @@ def guards(gm: fx.GraphModule) -> dict[str, Callable[..., Any]]:
         return not rest or rest[-1] == 1
 
     return {"scalar": scalar, "column_of": column_of, "row_of": row_of, "adapted": adapted,
-            "is_none": is_none, "ungrouped": ungrouped, "swaps": swaps}
+            "is_none": is_none, "in_channels_of": in_channels_of, "ungrouped": ungrouped, "swaps": swaps}
