@@ -95,17 +95,25 @@ def default_input_specs(module: nn.Module, config: Any, batch: int = 2, seq: int
     return specs
 
 
-def fresh_like(inputs: dict[str, torch.Tensor], config: Any = None, seed: int = 1) -> dict[str, torch.Tensor]:
-    """New inputs with a different batch and sequence length (checks dynamic axes), same names/dtypes."""
-    specs = []
+def fresh_like(inputs: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
+    """New inputs with a different batch and sequence length (checks dynamic axes), same names and dtypes,
+    and integer values in the range the example used (token ids stay inside a custom model's vocabulary)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
     for name, t in inputs.items():
         shape = list(t.shape)
         if shape:
             shape[0] = shape[0] + 1
         if len(shape) >= 2 and (not t.dtype.is_floating_point or t.dim() == 3):
             shape[1] = shape[1] + 3
-        specs.append((name, tuple(shape), t.dtype))
-    return make_inputs(specs, config, seed)
+        if t.dtype.is_floating_point:
+            out[name] = torch.randn(shape, generator=g).to(t.dtype)
+        elif t.dtype == torch.bool or "mask" in name:
+            out[name] = torch.ones(shape, dtype=t.dtype)
+        else:
+            lo, hi = int(t.min()), int(t.max()) + 1
+            out[name] = torch.randint(lo, max(hi, lo + 1), shape, generator=g).to(t.dtype)
+    return out
 
 
 def _load_hf(path: Path) -> tuple[nn.Module, Any]:

@@ -94,7 +94,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
             raise PeftcError(f"ONNX export failed: {type(e).__name__}: {first}") from None
         finally:
             gm.train(was)
-        result = check_onnx(gm, tmp, fresh_like(inputs, config), tol) if check else None
+        result = check_onnx(gm, tmp, fresh_like(inputs), tol) if check else None
         for f in tmpdir.iterdir():
             finish_file(f, path.parent / f.name)
         return result
