@@ -40,7 +40,8 @@ def read_adapter_config(path: str | Path) -> dict[str, Any]:
     f = p / CONFIG_NAME
     if not f.exists():
         subs = sorted(d.name for d in p.iterdir() if (d / CONFIG_NAME).exists()) if p.is_dir() else []
-        hint = f"; it holds adapters in subfolders: {', '.join(subs)} (use e.g. \"{p / subs[0]}\")" if subs else ""
+        shown = ", ".join(subs[:5]) + (f" and {len(subs) - 5} more" if len(subs) > 5 else "")
+        hint = f"; it holds adapters in subfolders: {shown} (use e.g. \"{p / subs[0]}\")" if subs else ""
         raise PeftcError(f"{p}: no {CONFIG_NAME} (not a PEFT checkpoint directory){hint}")
     try:
         cfg = json.loads(f.read_text())
@@ -73,6 +74,34 @@ def read_adapter_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], Pat
             raise PeftcError(f"{binf}: expected a state dict")
         return sd, binf
     raise PeftcError(f"{p}: no {SAFETENSORS_NAME} or {BIN_NAME} found")
+
+
+class CheckpointTensors:
+    """The tensors of one checkpoint file, taken one key at a time: a missing key or a wrong shape is an
+    error naming the file, the key and both shapes; what is never taken is reported by `unused()`."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], file: Path) -> None:
+        self.tensors = tensors
+        self.file = file
+        self.used: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def take(self, key: str, shape: tuple[int, ...], what: str) -> torch.Tensor:
+        if key not in self.tensors:
+            raise PeftcError(f"{self.file}: missing tensor '{key}' ({what}, expected shape {list(shape)})")
+        t = self.tensors[key]
+        if tuple(t.shape) != tuple(shape):
+            raise PeftcError(f"{self.file}: tensor '{key}' has shape {list(t.shape)}, expected {list(shape)} ({what})")
+        self.used.add(key)
+        return t
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.tensors) - self.used)
+
+    def has_unused_under(self, prefix: str) -> bool:
+        return any(k.startswith(prefix) and k not in self.used for k in self.tensors)
 
 
 def _rules(value: Any, span: Span) -> list[TargetRule]:
@@ -131,11 +160,10 @@ def adapter_from_config(name: str, directory: str | Path, config: dict[str, Any]
     lp = config.get("layers_pattern")
     if lp:
         ad.layers_pattern = [lp] if isinstance(lp, str) else list(lp)
-    by_key = {d.config_key: d.name for d in method.options.values() if d.config_key}
-    for cfg_key, opt in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
-        for pat, val in (config.get(cfg_key) or {}).items():
-            if opt in by_key:
-                ad.per_pattern.append(PerPattern(by_key[opt], TargetRule("pattern", pat, cspan), val, cspan))
+    for decl in method.options.values():
+        if decl.pattern_key:
+            for pat, val in (config.get(decl.pattern_key) or {}).items():
+                ad.per_pattern.append(PerPattern(decl.name, TargetRule("pattern", pat, cspan), val, cspan))
     mts = list(config.get("modules_to_save") or [])
     ad.modules_to_save = list(dict.fromkeys(mts))
     ad.extra_config = {k: config[k] for k in ("task_type", "base_model_name_or_path", "revision") if k in config}

@@ -213,8 +213,9 @@ def load_model(ref: str | nn.Module, example_inputs: list[str] | dict[str, torch
             raise PeftcError(f"model {ref!r}: not a model directory or path/to/file.py:callable")
         raise PeftcError(f"model not found: {ref!r} is not a directory, a file.py:callable or a built-in model"
                          f"{did_you_mean(ref, BUILTINS)} (built-ins: {', '.join(BUILTINS)})")
-    for p in module.parameters():
-        p.requires_grad_(False)
+    if not isinstance(ref, nn.Module):
+        for p in module.parameters():  # a model we built: frozen (a caller's module is left as it is)
+            p.requires_grad_(False)
     if isinstance(example_inputs, dict):
         inputs = {k: v.contiguous() for k, v in example_inputs.items()}
     elif example_inputs:

@@ -18,6 +18,7 @@ from torch import nn
 
 from peftc.checkpoint import (
     PREFIX,
+    CheckpointTensors,
     adapter_from_config,
     read_adapter_config,
     read_adapter_tensors,
@@ -103,6 +104,7 @@ def _resolve_path(p: str, spec: Spec) -> str:
 def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterSpec, MethodDef, dict[str, Any]]:
     """Expand an `import` and check method and options. Returns (adapter, method, coerced options)."""
     if ad.import_dir is not None and ad.method is None:
+        _only_merge_and_exclude(ad, spec)
         directory = _resolve_path(ad.import_dir, spec)
         try:
             config = read_adapter_config(directory)
@@ -151,9 +153,12 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
                        ad.option_spans.get(key), spec)
     for pp in ad.per_pattern:
         decl = method.options.get(pp.option)
-        if decl is None or decl.type == "targets":
-            choices = [k for k, d in method.options.items() if d.type in ("int", "float")]
-            raise _err(f"unknown option '{pp.option}' for {method.name}{did_you_mean(pp.option, choices)}",
+        if decl is None or not decl.pattern_key:
+            choices = [k for k, d in method.options.items() if d.pattern_key]
+            known = f"; per-layer values exist for: {', '.join(choices)}" if choices else \
+                f"; {method.name} takes no per-layer values"
+            what = "unknown option" if decl is None else "no per-layer values for option"
+            raise _err(f"{what} '{pp.option}' of {method.name}{did_you_mean(pp.option, choices)}{known}",
                        pp.span, spec)
         try:
             pp.value = coerce_option(decl, pp.value)
@@ -170,6 +175,27 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
             except re.error as e:
                 raise _err(f"invalid regex /{r.value}/: {e}", r.span, spec) from None
     return ad, method, options
+
+
+def _only_merge_and_exclude(ad: AdapterSpec, spec: Spec) -> None:
+    """An imported adapter takes method, options, targets and weights from its checkpoint; its block may
+    only add `merge` and `exclude`."""
+    extra = []
+    if ad.targets:
+        extra.append(("targets", ad.targets[0].span))
+    if ad.layers is not None:
+        extra.append(("layers", ad.span))
+    extra += [(f"{pp.option} at ...", pp.span) for pp in ad.per_pattern]
+    extra += [(k, ad.option_spans.get(k)) for k in ad.option_targets]
+    if ad.modules_to_save:
+        extra.append(("save", ad.span))
+    if ad.weights is not None:
+        extra.append(("weights", ad.option_spans.get("weights")))
+    if extra:
+        clause, span = extra[0]
+        raise _err(f"adapter '{ad.name}' is imported whole from its PEFT checkpoint: its block takes only "
+                   f"`merge` and `exclude`, not `{clause}` (declare it as method(options) with "
+                   "`weights \"dir\"` to choose targets or options yourself)", span, spec)
 
 
 def _near_misses(ad: AdapterSpec, names: list[str]) -> str:
@@ -262,12 +288,11 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
             raise _err(f"adapter '{name}': targets {desc} match no layer of the model"
                        f"{_near_misses(ad, module_names)}", where, spec)
         # where weights come from
-        tensors_src: dict[str, torch.Tensor] | None = None
-        src_file = None
+        ckpt: CheckpointTensors | None = None
         if ad.weights is not None or from_cfg:
             directory = _resolve_path(ad.weights, spec) if ad.weights is not None else ad.import_dir
             try:
-                tensors_src, src_file = read_adapter_tensors(directory)
+                ckpt = CheckpointTensors(*read_adapter_tensors(directory))
             except PeftcError as e:
                 raise _err(str(e), ad.option_spans.get("weights") or ad.option_spans.get("import"), spec) from None
             if ad.weights is not None and not from_cfg:
@@ -281,7 +306,6 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                     if other is not None and other.name != method.name:
                         raise _err(f"adapter '{name}' is {method.name} but {directory} holds a {other.name} adapter",
                                    ad.option_spans.get("weights"), spec)
-        used_keys: set[str] = set()
         gen = torch.Generator().manual_seed(seed + idx)
         pp_by_opt: dict[str, list[tuple[str, Any]]] = {}
         for pp in ad.per_pattern:
@@ -320,63 +344,44 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
             bias = params.get(layer.bias) if layer.bias else None
             pdtype = _param_dtype(layer.dtype)
             loaded = None
-            if tensors_src is not None:
+            if ckpt is not None:
                 loaded = {}
                 for decl in prog.params:
-                    key = f"{PREFIX}{lname}.{decl.saved}"
-                    if key not in tensors_src:
-                        raise PeftcError(f"{src_file}: missing tensor '{key}' (adapter '{name}', {method.name} "
-                                         f"on '{lname}', expected shape {list(decl.shape)})")
-                    t = tensors_src[key]
-                    if tuple(t.shape) != tuple(decl.shape):
-                        raise PeftcError(f"{src_file}: tensor '{key}' has shape {list(t.shape)}, expected "
-                                         f"{list(decl.shape)} (adapter '{name}', {method.name} on '{lname}')")
+                    t = ckpt.take(f"{PREFIX}{lname}.{decl.saved}", decl.shape,
+                                  f"adapter '{name}', {method.name} on '{lname}'")
                     loaded[decl.name] = t.to(pdtype) if t.is_floating_point() else t
-                    used_keys.add(key)
             tensors = _fresh_tensors(prog, layer, w_lin, bias, pdtype, gen, loaded)
             plan.sites.setdefault(lname, []).append(
                 SiteAdapter(name, method, prog, tensors, lopts, merge, is_active))
         ap = AdapterPlan(ad, method, options, matched, merge=merge, active=is_active,
                          source="import" if from_cfg else ("weights" if ad.weights else "fresh"))
-        heads = [h for h in ad.extra_config.get("__heads", []) if h not in mts_names]
-        for m in mts + [n for n in module_names if tensors_src is not None and
-                        any(n == h or n.endswith("." + h) for h in heads) and
-                        any(k.startswith(f"{PREFIX}{n}.") and k not in used_keys for k in tensors_src)]:
-            mod = named[m]
+        heads = [n for n in module_names if ckpt is not None and ckpt.has_unused_under(f"{PREFIX}{n}.")
+                 and any(n == h or n.endswith("." + h) for h in ad.extra_config.get("__heads", [])
+                         if h not in mts_names)]
+        for m in mts + heads:
             copy: dict[str, torch.Tensor] = {}
-            for pname, p in mod.named_parameters():
-                key = f"{PREFIX}{m}.{pname}"
-                if tensors_src is not None:
-                    if key not in tensors_src:
-                        raise PeftcError(f"{src_file}: missing tensor '{key}' "
-                                         f"(modules_to_save '{m}' of adapter '{name}')")
-                    t = tensors_src[key]
-                    if tuple(t.shape) != tuple(p.shape):
-                        raise PeftcError(f"{src_file}: tensor '{key}' has shape {list(t.shape)}, "
-                                         f"expected {list(p.shape)}")
-                    used_keys.add(key)
+            for pname, p in named[m].named_parameters():
+                if ckpt is not None:
+                    t = ckpt.take(f"{PREFIX}{m}.{pname}", tuple(p.shape), f"modules_to_save '{m}' of adapter '{name}'")
                     copy[pname] = t.to(p.dtype)
                 else:
                     copy[pname] = p.detach().clone()
             ap.modules_to_save[m] = copy
-        if tensors_src is not None:
+        if ckpt is not None:
             # peft saves whole embedding matrices (save_embedding_layers) as <layer>.base_layer.weight:
             # they are the base weights the adapter was trained on, and replace the model's own
             for lname in matched:
                 key = f"{PREFIX}{lname}.base_layer.weight"
-                if key in tensors_src and lname in layers:
-                    t = tensors_src[key]
-                    want = tuple(params[layers[lname].weight].shape)
-                    if tuple(t.shape) != want:
-                        raise PeftcError(f"{src_file}: tensor '{key}' has shape {list(t.shape)}, expected {list(want)}")
-                    used_keys.add(key)
+                if key in ckpt and lname in layers:
+                    base_w = params[layers[lname].weight]
+                    t = ckpt.take(key, tuple(base_w.shape), f"base weight of '{lname}'")
                     ap.base_weights[key] = t
-                    if not torch.equal(t.to(params[layers[lname].weight].dtype), params[layers[lname].weight]):
-                        plan.base_overrides[layers[lname].weight] = t.to(params[layers[lname].weight].dtype)
-            extra = sorted(set(tensors_src) - used_keys)
+                    if not torch.equal(t.to(base_w.dtype), base_w):
+                        plan.base_overrides[layers[lname].weight] = t.to(base_w.dtype)
+            extra = ckpt.unused()
             if extra:
                 more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
-                raise PeftcError(f"{src_file}: unexpected tensor '{extra[0]}'{more}: it matches no layer that "
+                raise PeftcError(f"{ckpt.file}: unexpected tensor '{extra[0]}'{more}: it matches no layer that "
                                  f"adapter '{name}' targets (is the checkpoint for another model or config?)")
         plan.adapters[name] = ap
     # application order on each layer: merged adapters first (they fold into the base weight), then the

@@ -40,6 +40,13 @@ def trace(module: nn.Module, inputs: dict[str, torch.Tensor]) -> fx.GraphModule:
     ep = export_program(module, inputs)
     unlifted = ep.module()
     gm = fx.GraphModule(unlifted, unlifted.graph)   # a plain GraphModule: .train()/.eval() work
-    for p in gm.parameters():
-        p.requires_grad_(False)
+    # Frozen parameters of our own that share storage with the model's: the caller's module keeps its
+    # requires_grad flags, and nothing peftc does writes into its tensors.
+    fresh: dict[int, nn.Parameter] = {}
+    for mod in gm.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                if id(p) not in fresh:
+                    fresh[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
+                mod._parameters[name] = fresh[id(p)]
     return gm

@@ -296,7 +296,7 @@ def test_targets_option_is_not_a_value_option(model):
 
 
 @pytest.mark.parametrize("opt, value, expect", [
-    ("r", '"x"', "option 'r' of lora expects an integer, got 'x'"),
+    ("r", '"x"', "option 'r' of lora expects an integer, got \"x\""),
     ("r", "2.5", "option 'r' of lora expects an integer"),
     ("r", "true", "option 'r' of lora expects an integer"),
     ("dropout", '"a"', "option 'dropout' of lora expects a number"),

@@ -27,7 +27,6 @@ def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str
     method = library().method(rec.method)
     cfg: dict[str, Any] = {"peft_type": method.peft_type, **method.fixed_config}
     layers = sorted(rec.tensors)
-    per_layer: dict[str, dict[str, Any]] = {}
     for decl in method.options.values():
         if decl.config_key is None:
             continue
@@ -36,14 +35,11 @@ def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str
             continue
         value = rec.options.get(decl.name, decl.default)
         cfg[decl.config_key] = _config_value(decl, value)
-        for l in layers:
-            lv = rec.layer_options.get(l, {}).get(decl.name, value)
-            if lv != value:
-                per_layer.setdefault(decl.config_key, {})[pattern_key_for(l)] = lv
+        if decl.pattern_key:
+            cfg[decl.pattern_key] = {pattern_key_for(l): rec.layer_options[l][decl.name] for l in layers
+                                     if rec.layer_options.get(l, {}).get(decl.name, value) != value}
     cfg["target_modules"] = layers
     if method.peft_type == "LORA":
-        cfg["rank_pattern"] = per_layer.get("r", {})
-        cfg["alpha_pattern"] = per_layer.get("lora_alpha", {})
         cfg["bias"] = "none"
     kinds = layer_kinds or {}
     cfg["fan_in_fan_out"] = any(kinds.get(l) == "conv1d_hf" for l in layers)

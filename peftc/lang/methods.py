@@ -48,6 +48,7 @@ class OptionDecl:
     default: Any
     config_key: str | None
     values: dict[Any, Any] = field(default_factory=dict)  # config value -> option value
+    pattern_key: str | None = None   # the PEFT config dict of per-layer values, e.g. "rank_pattern"
 
 
 @dataclass
@@ -165,8 +166,9 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
                 for pair in o[4].children:
                     values[_const(to_expr(pair.children[0]), file)] = _const(to_expr(pair.children[1]), file)
             default = _const(to_expr(o[2]), file) if o[2] is not None else None
+            pattern_key = _string(o[5]) if len(o) > 5 and o[5] is not None else None
             options[str(o[0])] = OptionDecl(str(o[0]), str(o[1]), default,
-                                            _string(o[3]) if o[3] is not None else None, values)
+                                            _string(o[3]) if o[3] is not None else None, values, pattern_key)
             i += 1
         while i < len(ch) and ch[i] is None:
             i += 1
