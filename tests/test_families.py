@@ -193,7 +193,7 @@ class Case:
     skips: tuple[str, ...] = ()
 
 
-def _p(case: Case, slow: bool = False):
+def _p(case: Case, slow: bool):
     return pytest.param(case, id=case.id, marks=[pytest.mark.slow] if slow else [])
 
 
@@ -318,10 +318,7 @@ OPTIONS = [
     Case("mixtral-lora-attn", "mixtral", lambda: lora(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
 ]
 
-CASES = ([_p(c, c.family in SLOW_FAMILIES) for c in ALL_LINEAR] + [_p(c, c.family in SLOW_FAMILIES) for c in DORA]
-         + [_p(c, c.family in SLOW_FAMILIES) for c in IA3] + [_p(c) for c in EMBEDDING]
-         + [_p(c, True) for c in TIED_ALIAS] + [_p(c, c.family == "whisper") for c in CONV]
-         + [_p(c, c.family in SLOW_FAMILIES) for c in OPTIONS])
+CASES = [_p(c, c.family in SLOW_FAMILIES) for c in ALL_LINEAR + DORA + IA3 + EMBEDDING + TIED_ALIAS + CONV + OPTIONS]
 
 
 # ---------------------------------------------------------------- the oracle, once per case
