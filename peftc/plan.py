@@ -87,11 +87,12 @@ class Plan:
 
 
 def _err(msg: str, span: Span | None, spec: Spec | None) -> PeftcError:
-    if span is None or spec is None or span.file != spec.file:
-        if span is not None and span.file and (spec is None or span.file != spec.file):
-            return PeftcError(msg, file=span.file, line=span.line or None, column=span.column or None)
+    """An error at a spec position (with the source line and a caret when it is in the spec itself)."""
+    if span is None:
         return PeftcError(msg)
-    return PeftcError(msg, file=span.file, line=span.line, column=span.column, source=spec.source)
+    source = spec.source if spec is not None and span.file == spec.file else None
+    return PeftcError(msg, file=span.file or None, line=span.line or None, column=span.column or None,
+                      source=source)
 
 
 def _resolve_path(p: str, spec: Spec) -> str:
@@ -213,7 +214,7 @@ def _near_misses(ad: AdapterSpec, names: list[str]) -> str:
     return f"; nearest module names: {', '.join(hints)}"
 
 
-def _fresh_tensors(prog: SiteProgram, layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None,
+def _fresh_tensors(prog: SiteProgram, weight: torch.Tensor, bias: torch.Tensor | None,
                    dtype: torch.dtype, gen: torch.Generator, loaded: dict[str, torch.Tensor] | None) -> dict:
     env: dict[str, Any] = dict(prog.env)
     env["W"] = weight.detach().to(dtype)
@@ -350,7 +351,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                     t = ckpt.take(f"{PREFIX}{lname}.{decl.saved}", decl.shape,
                                   f"adapter '{name}', {method.name} on '{lname}'")
                     loaded[decl.name] = t.to(pdtype) if t.is_floating_point() else t
-            tensors = _fresh_tensors(prog, layer, w_lin, bias, pdtype, gen, loaded)
+            tensors = _fresh_tensors(prog, w_lin, bias, pdtype, gen, loaded)
             plan.sites.setdefault(lname, []).append(
                 SiteAdapter(name, method, prog, tensors, lopts, merge, is_active))
         ap = AdapterPlan(ad, method, options, matched, merge=merge, active=is_active,

@@ -45,19 +45,18 @@ def is_tensor(v: Any) -> bool:
     return isinstance(v, (torch.Tensor, fx.Node))
 
 
-def _orient(op: Op, args: list[Any]) -> tuple[Any, list[Any]]:
-    """Pick the ATen overload and argument order for scalar/tensor mixes (ATen wants the tensor first)."""
+def _apply(backend: Backend, op: Op, args: list[Any]) -> Any:
+    """Apply a tensor op, with the argument order ATen wants for scalar/tensor mixes (the tensor first)."""
     if len(args) == 2 and not is_tensor(args[0]) and is_tensor(args[1]):
+        scalar, tensor = args
         if op.commutative:
-            return op.target, [args[1], args[0]]
+            return backend.apply(op, op.target, [tensor, scalar])
         if op.name == "sub":
-            return aten.rsub.Scalar, [args[1], args[0]]
-        if op.name == "div":
-            return aten.mul.Tensor, [EAGER_OR_NODE_RECIPROCAL, args[1], args[0]]
-    return op.target, args
-
-
-EAGER_OR_NODE_RECIPROCAL = object()  # marker handled in evaluate()
+            return backend.apply(op, aten.rsub.Scalar, [tensor, scalar])
+        if op.name == "div":  # c / t = reciprocal(t) * c
+            recip = backend.apply(op, aten.reciprocal.default, [tensor])
+            return backend.apply(TENSOR_OPS["mul"], aten.mul.Tensor, [recip, scalar])
+    return backend.apply(op, op.target, args)
 
 
 def evaluate(expr: Expr, env: Mapping[str, Any], backend: Backend = EAGER,
@@ -102,12 +101,7 @@ def evaluate(expr: Expr, env: Mapping[str, Any], backend: Backend = EAGER,
     if any(is_tensor(a) for a in args) or (fn in TENSOR_OPS and fn not in SCALAR_FUNCS):
         if fn not in TENSOR_OPS:
             raise EvalError(f"unknown tensor op '{fn}'", expr)
-        op = TENSOR_OPS[fn]
-        target, oargs = _orient(op, args)
-        if oargs and oargs[0] is EAGER_OR_NODE_RECIPROCAL:
-            recip = backend.apply(TENSOR_OPS["div"], aten.reciprocal.default, [oargs[1]])
-            return backend.apply(op, aten.mul.Tensor, [recip, oargs[2]])
-        return backend.apply(op, target, oargs)
+        return _apply(backend, TENSOR_OPS[fn], args)
     if fn not in SCALAR_FUNCS:
         raise EvalError(f"unknown function '{fn}'", expr)
     try:
