@@ -254,7 +254,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
     layers = layers_of(model)
     named = dict(model.named_modules())
     module_names = [n for n in named if n]
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under every name
     active = spec.active_names()
     for a in active:
         if a not in spec.adapters:
@@ -274,7 +274,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
         mts_names = list(ad.modules_to_save)
         mts: list[str] = []
         for m in mts_names:
-            hits = [n for n in module_names if n == m or n.endswith("." + m)]
+            hits = [n for n in module_names if n.endswith(m)]  # peft's rule: a plain suffix
             if not hits and from_cfg:
                 continue  # peft skips modules_to_save names (task defaults) the model lacks
             if not hits:
@@ -357,7 +357,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
         ap = AdapterPlan(ad, method, options, matched, merge=merge, active=is_active,
                          source="import" if from_cfg else ("weights" if ad.weights else "fresh"))
         heads = [n for n in module_names if ckpt is not None and ckpt.has_unused_under(f"{PREFIX}{n}.")
-                 and any(n == h or n.endswith("." + h) for h in ad.extra_config.get("__heads", [])
+                 and any(n.endswith(h) for h in ad.extra_config.get("__heads", [])
                          if h not in mts_names)]
         for m in mts + heads:
             copy: dict[str, torch.Tensor] = {}
@@ -369,16 +369,18 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                     copy[pname] = p.detach().clone()
             ap.modules_to_save[m] = copy
         if ckpt is not None:
-            # peft saves whole embedding matrices (save_embedding_layers) as <layer>.base_layer.weight:
+            # peft saves whole embedding / output layers (save_embedding_layers) as <layer>.base_layer.*:
             # they are the base weights the adapter was trained on, and replace the model's own
             for lname in matched:
-                key = f"{PREFIX}{lname}.base_layer.weight"
-                if key in ckpt and lname in layers:
-                    base_w = params[layers[lname].weight]
-                    t = ckpt.take(key, tuple(base_w.shape), f"base weight of '{lname}'")
+                for leaf, fqn in (("weight", layers[lname].weight), ("bias", layers[lname].bias)):
+                    key = f"{PREFIX}{lname}.base_layer.{leaf}"
+                    if fqn is None or key not in ckpt:
+                        continue
+                    base_t = params[fqn]
+                    t = ckpt.take(key, tuple(base_t.shape), f"base {leaf} of '{lname}'")
                     ap.base_weights[key] = t
-                    if not torch.equal(t.to(base_w.dtype), base_w):
-                        plan.base_overrides[layers[lname].weight] = t.to(base_w.dtype)
+                    if not torch.equal(t.to(base_t.dtype), base_t):
+                        plan.base_overrides[fqn] = t.to(base_t.dtype)
             extra = ckpt.unused()
             if extra:
                 more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
