@@ -164,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
         from peftc.emit.onnx import export_onnx
         from peftc.progress import step
         with step("Exporting ONNX and checking it in onnxruntime"):
-            result = export_onnx(gm, args.output, check=not args.no_check, tol=args.tol, config=compiled.model.config)
+            result = export_onnx(gm, args.output, check=not args.no_check, tol=args.tol)
         _say(args.quiet, f"wrote {args.output}: {summary} (total {time.perf_counter() - t0:.1f}s)")
         if result is not None:
             shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result.input_shapes.items())

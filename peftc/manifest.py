@@ -31,6 +31,4 @@ class Manifest:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     live: set[str] = field(default_factory=set)          # attribute paths of trainable adapter tensors
     registered: set[str] = field(default_factory=set)    # every attribute path peftc added
-    model_class: str | None = None
     base_model_name_or_path: str | None = None
-    task_type: str | None = None

@@ -67,8 +67,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         plan = build_plan(sp, loaded.module, merge_all=merge, train=train, seed=seed)
     with step("Tracing (torch.export)"):
         gm = trace(loaded.module, loaded.inputs)
-    manifest = Manifest(model_class=type(loaded.module).__name__,
-                        base_model_name_or_path=getattr(loaded.config, "_name_or_path", None) or None)
+    manifest = Manifest(base_model_name_or_path=getattr(loaded.config, "_name_or_path", None) or None)
     rule_log: list[str] = []
     passes = {
         "insert": insert_adapters(plan, manifest),

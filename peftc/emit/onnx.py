@@ -72,7 +72,7 @@ def check_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Ten
 
 
 def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None,
-                *, check: bool = True, tol: float = 1e-4, config: Any = None) -> OnnxCheck | None:
+                *, check: bool = True, tol: float = 1e-4) -> OnnxCheck | None:
     path = Path(path)
     inputs = inputs if inputs is not None else gm.peftc_inputs
     nbytes = sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))

@@ -1,8 +1,9 @@
 """Pass `insert`: put each planned adapter's weight transform into the graph.
 
-For every targeted layer the op that consumes its weight (aten.linear, addmm for GPT-2 Conv1D,
-conv2d, embedding) gets W' = T(W, theta) (and b' if the method declares one) in place of W, built
-from the method's declared expressions. The result is correct but dense: later passes fold merged
+For every targeted layer, the nodes of that layer that read its weight (aten.linear, addmm for GPT-2
+Conv1D, conv, embedding, or whatever a custom layer computes) read W' = T(W, theta) instead (and b'
+if the method declares one), built from the method's declared expressions. Adapter tensors become
+parameters under peft's in-memory names. The result is correct but dense: later passes fold merged
 transforms into constants and factor the live ones into their efficient unmerged form.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from peftc.rewrite.graph_tools import BASE, TAG, GraphBuilder, get_path, has_pat
 
 aten = torch.ops.aten
 
-# op that consumes a layer's weight: (target, weight arg index, bias arg index or None)
+# the standard op of each layer kind: (target, weight arg index, bias arg index or None); used to give a
+# bias-less layer a bias (lora_bias)
 SITE_OPS = {
     "linear": (aten.linear.default, 1, 2),
     "conv1d_hf": (aten.addmm.default, 2, 0),
