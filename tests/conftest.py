@@ -15,6 +15,16 @@ warnings.filterwarnings("ignore")
 torch.set_num_threads(2)
 
 VOCAB = 320
+TOL = 1e-5        # fp32 max abs diff allowed against peft
+CHANGED = 1e-4    # an adapter must move the output at least this much (so a no-op cannot pass)
+
+
+def lora(**kw):
+    """A peft LoraConfig with non-identity init (r=4, alpha=8 unless given)."""
+    from peft import LoraConfig
+    kw.setdefault("r", 4)
+    kw.setdefault("lora_alpha", 8)
+    return LoraConfig(init_lora_weights=False, **kw)
 
 
 # ---------------------------------------------------------------- models

@@ -16,19 +16,22 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import MODELS, compile_on, inputs_for, logits_of, max_diff, peft_adapter, randomize_, run_logits
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from conftest import (
+    CHANGED,
+    MODELS,
+    TOL,
+    compile_on,
+    inputs_for,
+    logits_of,
+    lora,
+    max_diff,
+    peft_adapter,
+    randomize_,
+    run_logits,
+)
+from peft import IA3Config, PeftModel, get_peft_model
 
 from peftc import PeftcError
-
-TOL = 1e-5
-CHANGED = 1e-4
-
-
-def lora(**kw) -> LoraConfig:
-    kw.setdefault("r", 4)
-    kw.setdefault("lora_alpha", 8)
-    return LoraConfig(init_lora_weights=False, **kw)
 
 
 def ia3(**kw) -> IA3Config:

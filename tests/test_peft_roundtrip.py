@@ -11,21 +11,24 @@ import json
 
 import pytest
 import torch
-from conftest import MODELS, compile_on, inputs_for, logits_of, max_diff, peft_adapter, randomize_, run_logits
-from peft import IA3Config, LoraConfig, PeftModel
+from conftest import (
+    CHANGED,
+    MODELS,
+    TOL,
+    compile_on,
+    inputs_for,
+    logits_of,
+    lora,
+    max_diff,
+    peft_adapter,
+    randomize_,
+    run_logits,
+)
+from peft import IA3Config, PeftModel
 from safetensors.torch import load_file
 from torch import nn
 
 import peftc
-
-TOL = 1e-5
-CHANGED = 1e-4
-
-
-def lora(**kw) -> LoraConfig:
-    kw.setdefault("r", 4)
-    kw.setdefault("lora_alpha", 8)
-    return LoraConfig(init_lora_weights=False, **kw)
 
 
 def _tensors(d) -> dict[str, torch.Tensor]:
