@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ class LoadedModel:
     config: Any = None                  # the HF config, if any
     is_hf: bool = False
     source: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def parse_example_input(text: str) -> tuple[str, tuple[int, ...], torch.dtype]:
@@ -180,7 +179,7 @@ def _import_callable(ref: str) -> tuple[Any, Any]:
 def load_model(ref: str | nn.Module, example_inputs: list[str] | dict[str, torch.Tensor] | None = None
                ) -> LoadedModel:
     """Resolve a MODEL reference (or take an nn.Module as is) and its example inputs."""
-    config, is_hf, name, extra = None, False, "", {}
+    config, is_hf, name = None, False, ""
     if isinstance(ref, nn.Module):
         module, fn_module, name = ref, None, type(ref).__name__
         config = getattr(ref, "config", None)
@@ -195,7 +194,6 @@ def load_model(ref: str | nn.Module, example_inputs: list[str] | dict[str, torch
             raise PeftcError(f"{path}: not a Hugging Face model directory (no config.json)")
         module, config = _load_hf(path)
         fn_module, name, is_hf = None, str(path), True
-        extra["path"] = str(path.resolve())
     elif ":" in ref and not Path(ref).exists():
         fn, fn_module = _import_callable(ref)
         try:
@@ -230,4 +228,4 @@ def load_model(ref: str | nn.Module, example_inputs: list[str] | dict[str, torch
     else:
         raise PeftcError(f"model {name!r}: give example inputs with --example-input NAME=SHAPE[:DTYPE] "
                          "or define example_inputs() beside the model callable")
-    return LoadedModel(module, inputs, name, config, is_hf, str(ref) if not isinstance(ref, nn.Module) else name, extra)
+    return LoadedModel(module, inputs, name, config, is_hf, str(ref) if not isinstance(ref, nn.Module) else name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -98,7 +98,6 @@ class Op:
     defaults: tuple[Any, ...] = ()    # trailing argument defaults, for normalising graph nodes
     arity: int = 0                    # full positional arity when defaults apply
     module_call: bool = False         # emitted as call_module (first arg names the submodule)
-    kw: dict = field(default_factory=dict)
 
 
 TENSOR_OPS: dict[str, Op] = {op.name: op for op in [

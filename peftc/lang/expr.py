@@ -122,15 +122,3 @@ def names_in(expr: Expr) -> set[str]:
         return out
     return set()
 
-
-def show(expr: Expr) -> str:
-    """A compact text form, for messages and --dump output."""
-    if isinstance(expr, Const):
-        return repr(expr.value)
-    if isinstance(expr, Name):
-        return expr.id
-    if isinstance(expr, Rest):
-        return "..."
-    assert isinstance(expr, Call)
-    parts = [show(a) for a in expr.args] + [f"{k}={show(v)}" for k, v in expr.kwargs]
-    return f"{expr.fn}({', '.join(parts)})"

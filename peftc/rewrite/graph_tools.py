@@ -124,9 +124,3 @@ def normalized_args(node: fx.Node, op: Op) -> list[Any]:
         args += list(op.defaults[len(op.defaults) - missing:])
     return args
 
-
-def first_node_after_inputs(gm: fx.GraphModule) -> fx.Node:
-    for n in gm.graph.nodes:
-        if n.op not in ("placeholder", "get_attr"):
-            return n
-    return next(iter(gm.graph.nodes))
