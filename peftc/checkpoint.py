@@ -19,6 +19,7 @@ from peftc.lang.methods import MethodDef, coerce_option
 from peftc.spec.model import AdapterSpec, PerPattern, Span, TargetRule
 
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."       # adapter-level tensors shared by all layers (VeRA's vera_A, ...)
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"

@@ -24,11 +24,13 @@ class AdapterRecord:
     active: bool = True
     extra_config: dict[str, Any] = field(default_factory=dict)  # config keys carried over from an import
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # saved base weights, written back as is
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)  # saved key -> adapter-level tensor
 
 
 @dataclass
 class Manifest:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     live: set[str] = field(default_factory=set)          # attribute paths of trainable adapter tensors
+    pinned: set[str] = field(default_factory=set)        # frozen tensors of live adapters: never constant-folded
     registered: set[str] = field(default_factory=set)    # every attribute path peftc added
     base_model_name_or_path: str | None = None

@@ -47,6 +47,91 @@ def vec(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1)
 
 
+def reshape_as(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """v with the shape of `like` (a kernel built flat, reshaped to the base weight's shape)."""
+    return v.reshape(like.shape)
+
+
+def norm(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """L2 norm over one dim (kept as size 1, so it broadcasts back)."""
+    return torch.linalg.vector_norm(v, 2, dim=dim, keepdim=True)
+
+
+def eye(n: int) -> torch.Tensor:
+    return torch.eye(n)
+
+
+def real_ifft2(v: torch.Tensor) -> torch.Tensor:
+    """Real part of the 2-d inverse FFT (normalised by 1/(rows*cols)), in fp32 at least."""
+    return torch.fft.ifft2(v.float() if v.dtype in (torch.float16, torch.bfloat16) else v).real
+
+
+def scatter2d(values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A zero matrix shaped like `like` with values[i] at (rows[i], cols[i]) (later values win on repeats)."""
+    out = torch.zeros(like.shape[-2:], dtype=values.dtype, device=values.device)
+    return torch.index_put(out, (rows.long(), cols.long()), values)
+
+
+def floordiv(a: torch.Tensor, b: Any) -> torch.Tensor:
+    return torch.div(a, b, rounding_mode="floor")
+
+
+def mod(a: torch.Tensor, b: Any) -> torch.Tensor:
+    return torch.remainder(a, b)
+
+
+def einsum(equation: str, *operands: torch.Tensor) -> torch.Tensor:
+    return torch.einsum(equation, *operands)
+
+
+def tile_cols(v: torch.Tensor, n: int) -> torch.Tensor:
+    """v's columns repeated periodically to n columns: result[:, c] = v[:, c % v.shape[1]]."""
+    reps = -(-int(n) // v.shape[1])
+    return v.repeat(1, reps)[:, : int(n)]
+
+
+def fold_cols(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The last dim of x cut into chunks of `width` (zero-padded) and summed: x @ tile_cols(I_width, n).T."""
+    n = x.shape[-1]
+    pad = (-n) % int(width)
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(*x.shape[:-1], -1, int(width)).sum(dim=-2)
+
+
+def kron_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """linear(x, kron(a, b)) without forming the Kronecker product: view x as (.., a.cols, b.cols), then
+    a @ X @ b.T, flattened back (two thin matmuls)."""
+    lead = x.shape[:-1]
+    xm = x.reshape(*lead, a.shape[1], b.shape[1])
+    y = torch.matmul(torch.matmul(a, xm), b.t())
+    return y.reshape(*lead, a.shape[0] * b.shape[0])
+
+
+def block_circulant(k: torch.Tensor) -> torch.Tensor:
+    """The (M*b, N*b) matrix whose (m, n) block is the circulant matrix with first row k[m, n]:
+    out[m*b + j, n*b + t] = k[m, n, (t - j) mod b]. Built with a gather (no FFT), so it converts to ONNX."""
+    m, n, b = k.shape
+    ar = torch.arange(b, device=k.device)
+    idx = torch.remainder(ar[None, :] - ar[:, None], b)                     # (j, t) -> (t - j) mod b
+    blocks = torch.index_select(k, 2, idx.reshape(-1)).reshape(m, n, b, b)  # [m, n, j, t]
+    return blocks.permute(0, 2, 1, 3).reshape(m * b, n * b)
+
+
+def topk_values(v: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest values along the last dim, largest first."""
+    return torch.topk(v, int(k), dim=-1).values
+
+
+def topk_indices(v: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(v, int(k), dim=-1).indices
+
+
+def to_float(v: torch.Tensor) -> torch.Tensor:
+    """fp32 (for the parts peft computes in fp32 whatever the model's dtype)."""
+    return v.float()
+
+
 def dropin(delta: torch.Tensor, module: str) -> torch.Tensor:
     """Marks the part of a weight whose input passes through the dropout submodule `module`.
 
@@ -64,19 +149,28 @@ class Init:
     kwargs: tuple[tuple[str, Any], ...] = ()
 
     def make(self, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+        """A float32 tensor drawn as declared (from the `generator=` given in the declaration, which makes
+        the draw reproducible, else from the compile's seeded generator), then cast to `dtype`."""
         kw = dict(self.kwargs)
-        t = torch.empty(shape, dtype=torch.float32)
+        gen = kw.pop("generator", None) or generator
+        t = torch.empty(shape, dtype=kw.pop("dtype", torch.float32))
         if self.kind == "zeros":
             t.zero_()
         elif self.kind == "ones":
             t.fill_(1.0)
+        elif self.kind == "fill":
+            t.fill_(kw.get("value", 0.0))
         elif self.kind == "normal":
-            t.normal_(kw.get("mean", 0.0), kw.get("std", 1.0), generator=generator)
+            t.normal_(kw.get("mean", 0.0), kw.get("std", 1.0), generator=gen)
+        elif self.kind == "uniform":
+            t.uniform_(kw.get("low", 0.0), kw.get("high", 1.0), generator=gen)
         elif self.kind == "kaiming_uniform":
             a = kw.get("a", math.sqrt(5))
             fan_in = t[0].numel() if t.dim() > 1 else t.numel()
             bound = math.sqrt(6.0 / ((1 + a * a) * max(fan_in, 1)))
-            t.uniform_(-bound, bound, generator=generator)
+            t.uniform_(-bound, bound, generator=gen)
+        elif self.kind == "xavier_uniform":
+            torch.nn.init.xavier_uniform_(t, gain=kw.get("gain", 1.0), generator=gen)
         else:
             raise ValueError(f"unknown initialiser {self.kind}")
         return t.to(dtype)
@@ -98,6 +192,26 @@ class Op:
     defaults: tuple[Any, ...] = ()    # trailing argument defaults, for normalising graph nodes
     arity: int = 0                    # full positional arity when defaults apply
     module_call: bool = False         # emitted as call_module (first arg names the submodule)
+    plan_only: bool = False           # computed once at compile time (`const`), never emitted into a graph
+
+
+# ---------------------------------------------------------------- plan-time functions (seeded draws)
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with `seed`: draws from it (in declaration order) reproduce peft's bit for bit."""
+    return torch.Generator().manual_seed(int(seed))
+
+
+def randperm(n: int, seed: int | torch.Generator) -> torch.Tensor:
+    """torch.randperm(n) from a generator seeded with `seed` (or drawing from a given generator)."""
+    if isinstance(seed, torch.Generator):
+        gen = seed
+    else:
+        gen = torch.Generator() if seed is None else generator(seed)   # unseeded: torch's fixed default seed
+    return torch.randperm(int(n), generator=gen)
+
+
+def sort(v: torch.Tensor) -> torch.Tensor:
+    return torch.sort(v).values
 
 
 TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
@@ -128,6 +242,48 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("vec", vec),
     Op("dropin", dropin),
     Op("dropout", None, module_call=True),
+    # indexing and shapes (subscripts `x[i, a:b, None]` become select / slice / unsqueeze)
+    Op("select", aten.select.int),
+    Op("slice", aten.slice.Tensor, defaults=(0, None, None, 1), arity=5),
+    Op("reshape", aten.reshape.default),
+    Op("reshape_as", reshape_as),
+    Op("transpose", aten.transpose.int),
+    Op("cat", aten.cat.default, defaults=(0,), arity=2),
+    Op("stack", aten.stack.default, defaults=(0,), arity=2),
+    Op("repeat", aten.repeat.default),
+    Op("expand", aten.expand.default),
+    Op("flatten", aten.flatten.using_ints, defaults=(0, -1), arity=3),
+    # arithmetic beyond + - * /
+    Op("floordiv", floordiv),
+    Op("mod", mod),
+    Op("pow", aten.pow.Tensor_Scalar),
+    Op("exp", aten.exp.default),
+    Op("cos", aten.cos.default),
+    Op("sin", aten.sin.default),
+    Op("clamp_min", aten.clamp_min.default),
+    Op("sum", aten.sum.dim_IntList, defaults=(False,), arity=3),
+    Op("norm", norm),
+    Op("kron", aten.kron.default),
+    Op("einsum", einsum),
+    Op("tile_cols", tile_cols),
+    Op("fold_cols", fold_cols),
+    Op("kron_linear", kron_linear),
+    Op("block_circulant", block_circulant),
+    Op("eye", eye),
+    Op("zeros_like", aten.zeros_like.default),
+    Op("scatter2d", scatter2d),
+    Op("real_ifft2", real_ifft2),
+    Op("softmax", aten._softmax.default, defaults=(False,), arity=3),
+    Op("topk_values", lambda v, k: torch.topk(v, k, dim=-1).values),
+    Op("topk_indices", lambda v, k: torch.topk(v, k, dim=-1).indices),
+    Op("gather", aten.gather.default),
+    Op("index_select", aten.index_select.default),
+    Op("to_long", lambda v: v.long()),
+    Op("to_float", lambda v: v.float()),
+    # compile-time only
+    Op("generator", generator, plan_only=True),
+    Op("randperm", randperm, plan_only=True),
+    Op("sort", sort, plan_only=True),
 ]}
 
 TARGET_TO_OP: dict[Any, Op] = {op.target: op for op in TENSOR_OPS.values() if op.target is not None}
@@ -152,9 +308,41 @@ SCALAR_FUNCS: dict[str, Callable[..., Any]] = {
     "gt": lambda a, b: a > b,
     "ge": lambda a, b: a >= b,
     "not": lambda a: not a,
+    "floordiv": lambda a, b: a // b,
+    "mod": lambda a, b: a % b,
+    "pow": lambda a, b: a ** b,
+    "ceil": math.ceil,
+    "floor": math.floor,
+    "gcd": math.gcd,
+    "len": len,
+    "select": lambda seq, dim, i: seq[i],
+    "slice": lambda seq, dim, start=None, end=None, step=1: seq[start:end:step],
+    "divisor_pair": None,   # filled below
 }
 
-INITS: dict[str, Callable[..., Init]] = {k: _init(k) for k in ("zeros", "ones", "normal", "kaiming_uniform")}
+def divisor_pair(n: int, limit: int = -1) -> tuple[int, int]:
+    """Split n = m * k with m <= k as evenly as possible, m at most `limit` (-1: no limit); a `limit` that
+    divides n is taken as m outright. This is the factorisation LyCORIS/peft use to shape Kronecker
+    factors (peft's `factorization(dimension, factor)`)."""
+    n, limit = int(n), int(limit)
+    if limit > 0 and n % limit == 0:
+        return limit, n // limit
+    cap = n if limit == -1 else limit
+    m, k = 1, n
+    while m < k:
+        nxt = m + 1
+        while n % nxt:
+            nxt += 1
+        if nxt + n // nxt > m + k or nxt > cap:
+            break
+        m, k = nxt, n // nxt
+    return (k, m) if m > k else (m, k)
+
+
+SCALAR_FUNCS["divisor_pair"] = divisor_pair
+
+INITS: dict[str, Callable[..., Init]] = {k: _init(k) for k in ("zeros", "ones", "fill", "normal", "uniform",
+                                                                 "kaiming_uniform", "xavier_uniform")}
 
 
 def cast(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from torch import nn
 
 from peftc.checkpoint import (
     PREFIX,
+    SHARED_PREFIX,
     CheckpointTensors,
     adapter_from_config,
     read_adapter_config,
@@ -26,7 +28,15 @@ from peftc.checkpoint import (
 )
 from peftc.errors import PeftcError, did_you_mean
 from peftc.lang.evaluate import EvalError, evaluate
-from peftc.lang.methods import MethodDef, ParamDecl, RequireFailed, SiteProgram, coerce_option, instantiate
+from peftc.lang.methods import (
+    MethodDef,
+    ParamDecl,
+    RequireFailed,
+    SiteProgram,
+    coerce_option,
+    instantiate,
+    instantiate_shared,
+)
 from peftc.library import Library, library
 from peftc.ops import Init
 from peftc.spec.model import AdapterSpec, Span, Spec
@@ -51,6 +61,7 @@ class SiteAdapter:
     layer_options: dict[str, Any]            # option values at this layer
     merge: bool
     active: bool
+    consts: dict[str, torch.Tensor] = field(default_factory=dict)  # plan-time constants (never saved/trained)
 
 
 @dataclass
@@ -64,6 +75,8 @@ class AdapterPlan:
     active: bool = True
     source: str = "fresh"                    # fresh | weights | import
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint key -> a saved base weight
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)        # adapter-level tensors, by name
+    shared_decls: list[ParamDecl] = field(default_factory=list)
 
 
 @dataclass
@@ -79,10 +92,12 @@ class Plan:
         for sas in self.sites.values():
             for sa in sas:
                 if sa.active and not sa.merge:
-                    n += sum(t.numel() for t in sa.tensors.values())
+                    n += sum(sa.tensors[d.name].numel() for d in sa.program.params if not d.frozen
+                             and sa.tensors[d.name].is_floating_point())
         for ap in self.adapters.values():
             if ap.active and not ap.merge:
                 n += sum(t.numel() for mod in ap.modules_to_save.values() for t in mod.values())
+                n += sum(ap.shared[d.name].numel() for d in ap.shared_decls if not d.frozen)
         return n
 
 
@@ -214,13 +229,17 @@ def _near_misses(ad: AdapterSpec, names: list[str]) -> str:
     return f"; nearest module names: {', '.join(hints)}"
 
 
-def _fresh_tensors(prog: SiteProgram, weight: torch.Tensor, bias: torch.Tensor | None,
-                   dtype: torch.dtype, gen: torch.Generator, loaded: dict[str, torch.Tensor] | None) -> dict:
-    env: dict[str, Any] = dict(prog.env)
-    env["W"] = weight.detach().to(dtype)
-    env["b"] = bias.detach().to(dtype) if bias is not None else None
+_DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
+                "int16": torch.int16, "uint8": torch.uint8, "bool": torch.bool}
+
+
+def make_tensors(steps: list[tuple[str, Any]], env: dict[str, Any], dtype: torch.dtype, gen: torch.Generator,
+                 load: Callable[[ParamDecl], torch.Tensor | None]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Run a method's lets, consts and params eagerly, in declaration order: each param is loaded (`load`
+    gives the checkpoint's tensor, or None) or initialised; each `const` is computed. Returns (params, consts)."""
     out: dict[str, torch.Tensor] = {}
-    for kind, item in prog.steps:
+    consts: dict[str, torch.Tensor] = {}
+    for kind, item in steps:
         if kind == "let":
             name, expr = item
             try:
@@ -228,24 +247,79 @@ def _fresh_tensors(prog: SiteProgram, weight: torch.Tensor, bias: torch.Tensor |
             except EvalError:
                 pass
             continue
+        if kind == "const":
+            name, expr = item
+            value = evaluate(expr, env)
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            consts[name] = value
+            env[name] = value
+            continue
         decl: ParamDecl = item
-        if loaded is not None:
-            t = loaded[decl.name]
-        else:
+        t = load(decl)
+        if t is None:
             init = evaluate(decl.init, env)
             if isinstance(init, Init):
                 t = init.make(decl.shape, dtype, gen)
             elif isinstance(init, torch.Tensor):
-                t = init.detach().to(dtype).reshape(decl.shape).clone()
+                t = init.detach().to(dtype if init.is_floating_point() else init.dtype).reshape(decl.shape).clone()
             else:
                 raise PeftcError(f"param {decl.name}: init gave {type(init).__name__}, not a tensor")
+        if decl.dtype is not None:
+            t = t.to(_DTYPE_NAMES[decl.dtype])
         out[decl.name] = t
         env[decl.name] = t
-    return out
+    return out, consts
 
 
 def _param_dtype(base: torch.dtype) -> torch.dtype:
     return torch.float32 if base in (torch.float16, torch.bfloat16) else base
+
+
+def _checkpoint_shapes(ckpt: CheckpointTensors | None, prefix: str) -> Callable[[str], tuple[int, ...] | None]:
+    """shape_of(saved key) for a layer's (or the shared) tensors of a checkpoint: None when absent."""
+    def shape_of(key: str) -> tuple[int, ...] | None:
+        full = prefix + key
+        return tuple(ckpt.tensors[full].shape) if ckpt is not None and full in ckpt else None
+    return shape_of
+
+
+def _checkpoint_loader(ckpt: CheckpointTensors | None, prefix: str, dtype: torch.dtype,
+                       what: str) -> Callable[[ParamDecl], torch.Tensor | None]:
+    """load(decl): a param's tensor from the checkpoint (shape checked, floats cast to `dtype` unless the param
+    declares its own dtype), or None when it is to be initialised (no checkpoint, unsaved, optional and absent)."""
+    def load(decl: ParamDecl) -> torch.Tensor | None:
+        if ckpt is None or decl.saved is None:
+            return None
+        key = prefix + decl.saved
+        if decl.optional and key not in ckpt:
+            return None
+        t = ckpt.take(key, decl.shape, what)
+        return t.to(dtype) if t.is_floating_point() and decl.dtype is None else t
+    return load
+
+
+def aggregate_dims(layers: list[Layer]) -> dict[str, int]:
+    """Dims over all of an adapter's layers, for tensors they share: the largest `in` and `out`."""
+    if not layers:
+        return {}
+    return {"max_in": max(int(l.dims["in"]) for l in layers), "max_out": max(int(l.dims["out"]) for l in layers)}
+
+
+def _shared_tensors(method: MethodDef, options: dict[str, Any], layers: list[Layer], agg: dict[str, int],
+                    ckpt: CheckpointTensors | None, gen: torch.Generator,
+                    adapter: str) -> tuple[list[ParamDecl], dict[str, torch.Tensor]]:
+    """An adapter's `shared` tensors: shapes from its layers' largest dims (`max_in`, `max_out`), loaded
+    from `base_model.<key>` in the checkpoint or initialised (seeded draws regenerate peft's exactly)."""
+    if not layers:
+        return [], {}
+    decls, steps, env = instantiate_shared(method, {l.kind for l in layers}, options, agg)
+    if not decls:
+        return [], {}
+    dtype = _param_dtype(layers[0].dtype)
+    load = _checkpoint_loader(ckpt, SHARED_PREFIX, dtype, f"adapter '{adapter}', {method.name} shared tensor")
+    tensors, _ = make_tensors(steps, env, dtype, gen, load)
+    return decls, tensors
 
 
 def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: bool = False,
@@ -308,6 +382,9 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                         raise _err(f"adapter '{name}' is {method.name} but {directory} holds a {other.name} adapter",
                                    ad.option_spans.get("weights"), spec)
         gen = torch.Generator().manual_seed(seed + idx)
+        targeted = [layers[n] for n in matched if n in layers]
+        agg_dims = aggregate_dims(targeted)
+        shared_decls, shared = _shared_tensors(method, options, targeted, agg_dims, ckpt, gen, name)
         pp_by_opt: dict[str, list[tuple[str, Any]]] = {}
         for pp in ad.per_pattern:
             pp_by_opt.setdefault(pp.option, []).append((pp.rule.value, pp.value))
@@ -330,7 +407,8 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                 if decl.type == "targets" and decl.name not in lopts:
                     lopts[decl.name] = False
             try:
-                prog = instantiate(method, kind, lopts, dict(layer.dims))
+                prog = instantiate(method, kind, lopts, {**layer.dims, **agg_dims, "training": train},
+                                   _checkpoint_shapes(ckpt, f"{PREFIX}{lname}."))
             except RequireFailed as e:
                 opts = [n for n in e.names if n in ad.option_spans]
                 about_layer = bool(e.names & set(layer.dims))
@@ -344,18 +422,18 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
             w_lin = weight.t() if kind == "conv1d_hf" else weight
             bias = params.get(layer.bias) if layer.bias else None
             pdtype = _param_dtype(layer.dtype)
-            loaded = None
-            if ckpt is not None:
-                loaded = {}
-                for decl in prog.params:
-                    t = ckpt.take(f"{PREFIX}{lname}.{decl.saved}", decl.shape,
-                                  f"adapter '{name}', {method.name} on '{lname}'")
-                    loaded[decl.name] = t.to(pdtype) if t.is_floating_point() else t
-            tensors = _fresh_tensors(prog, w_lin, bias, pdtype, gen, loaded)
+
+            load = _checkpoint_loader(ckpt, f"{PREFIX}{lname}.", pdtype,
+                                      f"adapter '{name}', {method.name} on '{lname}'")
+            env = {**prog.env, **shared, "W": w_lin.detach().to(pdtype),
+                   "b": bias.detach().to(pdtype) if bias is not None else None}
+            env["W0"] = env["W"]
+            tensors, consts = make_tensors(prog.steps, env, pdtype, gen, load)
             plan.sites.setdefault(lname, []).append(
-                SiteAdapter(name, method, prog, tensors, lopts, merge, is_active))
+                SiteAdapter(name, method, prog, tensors, lopts, merge, is_active, consts))
         ap = AdapterPlan(ad, method, options, matched, merge=merge, active=is_active,
-                         source="import" if from_cfg else ("weights" if ad.weights else "fresh"))
+                         source="import" if from_cfg else ("weights" if ad.weights else "fresh"),
+                         shared=shared, shared_decls=shared_decls)
         heads = [n for n in module_names if ckpt is not None and ckpt.has_unused_under(f"{PREFIX}{n}.")
                  and any(n.endswith(h) for h in ad.extra_config.get("__heads", [])
                          if h not in mts_names)]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from peftc.checkpoint import PREFIX, pattern_key_for, write_checkpoint
+from peftc.checkpoint import PREFIX, SHARED_PREFIX, pattern_key_for, write_checkpoint
 from peftc.errors import PeftcError
 from peftc.library import library
 from peftc.manifest import AdapterRecord, Manifest
@@ -39,10 +39,11 @@ def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str
             cfg[decl.pattern_key] = {pattern_key_for(l): rec.layer_options[l][decl.name] for l in layers
                                      if rec.layer_options.get(l, {}).get(decl.name, value) != value}
     cfg["target_modules"] = layers
-    if method.peft_type == "LORA":
+    if "bias" in method.config_fields:
         cfg["bias"] = "none"
     kinds = layer_kinds or {}
-    cfg["fan_in_fan_out"] = any(kinds.get(l) == "conv1d_hf" for l in layers)
+    if "fan_in_fan_out" in method.config_fields:
+        cfg["fan_in_fan_out"] = any(kinds.get(l) == "conv1d_hf" for l in layers)
     cfg["modules_to_save"] = sorted(rec.modules_to_save) or None
     cfg["inference_mode"] = True
     cfg["task_type"] = rec.extra_config.get("task_type")
@@ -60,6 +61,7 @@ def adapter_tensors(rec: AdapterRecord) -> dict[str, torch.Tensor]:
         for pname, t in params.items():
             out[f"{PREFIX}{mod}.{pname}"] = t.detach()
     out.update({k: t.detach() for k, t in rec.extra_tensors.items()})
+    out.update({f"{SHARED_PREFIX}{k}": t.detach() for k, t in rec.shared.items()})
     return out
 
 

@@ -78,6 +78,8 @@ def evaluate(expr: Expr, env: Mapping[str, Any], backend: Backend = EAGER,
 
     if fn == "cond":
         return ev(expr.args[1]) if ev(expr.args[0]) else ev(expr.args[2])
+    if fn == "tuple":
+        return tuple(ev(a) for a in expr.args)
     if fn == "and":
         return bool(ev(expr.args[0])) and bool(ev(expr.args[1]))
     if fn == "or":
@@ -105,6 +107,6 @@ def evaluate(expr: Expr, env: Mapping[str, Any], backend: Backend = EAGER,
     if fn not in SCALAR_FUNCS:
         raise EvalError(f"unknown function '{fn}'", expr)
     try:
-        return SCALAR_FUNCS[fn](*args)
-    except (TypeError, ValueError, ZeroDivisionError) as e:
+        return SCALAR_FUNCS[fn](*args, **kwargs)
+    except (TypeError, ValueError, ZeroDivisionError, IndexError, OverflowError) as e:
         raise EvalError(f"{fn}: {e}", expr) from None

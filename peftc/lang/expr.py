@@ -40,7 +40,7 @@ class Call(Expr):
     kwargs: tuple[tuple[str, Expr], ...] = ()
 
 
-_BINARY = {"add", "sub", "mul", "div", "matmul", "or_", "and_"}
+_BINARY = {"add", "sub", "mul", "div", "floordiv", "mod", "pow", "matmul", "or_", "and_"}
 _CMP = {"==": "eq", "!=": "ne", "<": "lt", "<=": "le", ">": "gt", ">=": "ge"}
 
 
@@ -87,13 +87,9 @@ def to_expr(node: Tree | Token | None) -> Expr | None:
     if kind == "cond":
         return Call("cond", tuple(to_expr(c) for c in ch), **pos)
     if kind == "subscript":
-        base = to_expr(ch[0])
-        idx = [c.data for c in ch[1:]]
-        if idx == ["full_slice", "new_axis"]:
-            return Call("unsqueeze", (base, Const(1)), **pos)
-        if idx == ["new_axis", "full_slice"]:
-            return Call("unsqueeze", (base, Const(0)), **pos)
-        raise ValueError(f"line {pos['line']}: only [:, None] and [None, :] indexing is supported")
+        return _subscript(to_expr(ch[0]), ch[1:], pos)
+    if kind == "tuple":
+        return Call("tuple", tuple(to_expr(c) for c in ch), **pos)
     if kind == "call":
         fn = str(ch[0])
         args: list[Expr] = []
@@ -107,6 +103,24 @@ def to_expr(node: Tree | Token | None) -> Expr | None:
                 args.append(to_expr(a))
         return Call(fn, tuple(args), tuple(kwargs), **pos)
     raise ValueError(f"unexpected expression node {kind}")
+
+
+def _subscript(base: Expr, indices: list[Tree], pos: dict) -> Expr:
+    """`x[i, a:b, None, :]` as a chain of named ops, one per index, left to right: `select(x, dim, i)`,
+    `slice(x, dim, start, end)`, `unsqueeze(x, dim)` (a full `:` only moves to the next dim)."""
+    out, dim = base, 0
+    for idx in indices:
+        if idx.data == "new_axis":
+            out = Call("unsqueeze", (out, Const(dim)), **pos)
+            dim += 1
+        elif idx.data == "slice":
+            start, end = (to_expr(c) if c is not None else Const(None) for c in idx.children)
+            if not (isinstance(start, Const) and start.value is None and isinstance(end, Const) and end.value is None):
+                out = Call("slice", (out, Const(dim), start, end), **pos)
+            dim += 1
+        else:  # an integer index drops the dim
+            out = Call("select", (out, Const(dim), to_expr(idx.children[0])), **pos)
+    return out
 
 
 def names_in(expr: Expr) -> set[str]:

@@ -9,6 +9,7 @@ returns a SiteProgram: what to allocate and which expressions to emit.
 from __future__ import annotations
 
 import ast as pyast
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ from typing import Any
 from lark import Lark, Token, Tree
 from lark.exceptions import LarkError, UnexpectedInput
 
-from peftc.errors import PeftcError
+from peftc.errors import PeftcError, did_you_mean
 from peftc.lang.evaluate import EvalError, evaluate
-from peftc.lang.expr import Expr, names_in, to_expr
+from peftc.lang.expr import Const, Expr, names_in, to_expr
 from peftc.resources import grammar_text
 
 OPTION_TYPES = ("int", "float", "bool", "str", "targets")
@@ -68,6 +69,8 @@ class MethodDef:
     body: list[Stmt]
     mergeable: Expr | None
     file: str
+    training_note: str | None = None   # what `compile --train` does not do for this method (training-loop parts)
+    config_fields: tuple[str, ...] = ()  # generic PEFT config keys (fan_in_fan_out, bias) its config class has
 
 
 @dataclass
@@ -75,7 +78,25 @@ class ParamDecl:
     name: str
     shape: tuple[int, ...]
     init: Expr
-    saved: str           # checkpoint key suffix, e.g. "lora_A.weight"
+    saved: str | None            # checkpoint key suffix, e.g. "lora_A.weight"; None: never saved or loaded
+    frozen: bool = False         # saved, but never trained (DeLoRA's w_norm, VeRA's projections)
+    dtype: str | None = None     # the tensor's own dtype ("int64", "float32"); None: the adapter's float dtype
+    optional: bool = False       # a checkpoint may lack it (then it is initialised)
+    bound: dict[int, str] = field(default_factory=dict)  # dim index -> name bound from a loaded tensor
+    shared: bool = False         # one tensor per adapter, shared by its layers (saved at base_model.<key>)
+
+
+@dataclass
+class ParamSyntax:
+    """A `param` / `shared` statement before instantiation."""
+    name: str
+    shape: tuple[Any, ...]       # Exprs, or ("?", name) for a dim bound from the checkpoint
+    init: Expr
+    saved: str | None
+    saved_if: Expr | None
+    frozen: bool
+    dtype: str | None
+    optional: bool
 
 
 @dataclass
@@ -88,7 +109,9 @@ class SiteProgram:
     dropout: tuple[float, str] | None   # (p, submodule name stem such as "lora_dropout")
     env: dict[str, Any]                 # the Python values: options, dimensions, scalar lets
     mergeable: bool
-    steps: list[tuple[str, Any]] = field(default_factory=list)  # lets and params in declaration order
+    steps: list[tuple[str, Any]] = field(default_factory=list)  # lets, consts and params in declaration order
+    consts: list[tuple[str, Expr]] = field(default_factory=list)  # plan-time constant tensors (buffers)
+    shared: list[str] = field(default_factory=list)               # adapter-level tensors this layer reads
 
 
 # ---------------------------------------------------------------- parsing
@@ -113,17 +136,51 @@ def _const(expr: Expr, file: str) -> Any:
         raise PeftcError(f"option default must be a constant: {e}", file=file, line=expr.line) from None
 
 
+_DTYPES = ("float32", "float64", "int64", "int32", "int16", "uint8", "bool")
+
+
+def _param_syntax(ch: list, file: str, line: int) -> ParamSyntax:
+    name, shape_tree, init = str(ch[0]), ch[1], to_expr(ch[2])
+    shape: list[Any] = []
+    for d in shape_tree.children:
+        if d is None:
+            continue
+        if isinstance(d, Tree) and d.data == "bound_dim":
+            shape.append(("?", str(d.children[0])))
+        else:
+            shape.append(to_expr(d))
+    saved, saved_if = None, None
+    frozen, dtype, optional = False, None, False
+    for a in ch[3:]:
+        if a is None:
+            continue
+        if a.data == "saved":
+            saved = _string(a.children[0])
+            saved_if = to_expr(a.children[1]) if len(a.children) > 1 and a.children[1] is not None else None
+        elif a.data == "frozen":
+            frozen = True
+        elif a.data == "optional":
+            optional = True
+        elif a.data == "dtype":
+            dtype = str(a.children[0])
+            if dtype not in _DTYPES:
+                raise PeftcError(f"param {name}: unknown dtype '{dtype}'{did_you_mean(dtype, _DTYPES)}; "
+                                 f"dtypes: {', '.join(_DTYPES)}", file=file, line=line)
+    return ParamSyntax(name, tuple(shape), init, saved, saved_if, frozen, dtype, optional)
+
+
 def _stmts(block: Tree, file: str) -> list[Stmt]:
     out = []
     for st in block.children:
         line = getattr(st.meta, "line", 0)
         ch = st.children
         k = st.data
-        if k == "let":
-            out.append(Stmt("let", (str(ch[0]), to_expr(ch[1])), line))
-        elif k == "param":
-            shape = tuple(to_expr(c) for c in ch[1].children if c is not None)
-            out.append(Stmt("param", (str(ch[0]), shape, to_expr(ch[2]), _string(ch[3])), line))
+        if k in ("let", "const"):
+            out.append(Stmt(k, (str(ch[0]), to_expr(ch[1])), line))
+        elif k == "let_tuple":
+            out.append(Stmt("let_tuple", (tuple(str(c) for c in ch[:-1]), to_expr(ch[-1])), line))
+        elif k in ("param", "shared"):
+            out.append(Stmt(k, (_param_syntax(ch, file, line),), line))
         elif k in ("weight", "bias"):
             out.append(Stmt(k, (to_expr(ch[0]),), line))
         elif k == "dropout":
@@ -172,7 +229,7 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
             i += 1
         while i < len(ch) and ch[i] is None:
             i += 1
-        peft_type, fixed, kinds, mergeable = None, {}, [], None
+        peft_type, fixed, kinds, mergeable, note, fields = None, {}, [], None, None, ()
         for h in ch[i:-1]:
             if h is None:
                 continue
@@ -186,7 +243,12 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
                 kinds = [str(c) for c in h.children]
             elif h.data == "mergeable":
                 mergeable = to_expr(h.children[0])
-        methods.append(MethodDef(name, options, peft_type, fixed, kinds, _stmts(ch[-1], file), mergeable, file))
+            elif h.data == "training_note":
+                note = _string(h.children[0])
+            elif h.data == "config_fields":
+                fields = tuple(_string(c) for c in h.children)
+        methods.append(MethodDef(name, options, peft_type, fixed, kinds, _stmts(ch[-1], file), mergeable, file,
+                                 note, fields))
     return methods, rules
 
 
@@ -194,6 +256,8 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
 def coerce_option(decl: OptionDecl, value: Any) -> Any:
     """Check/convert one option value; raises ValueError with a user-facing reason."""
     t = decl.type
+    if value is None and decl.default is None:
+        return None   # an option that may be unset (peft's None)
     if t == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
@@ -217,10 +281,50 @@ def coerce_option(decl: OptionDecl, value: Any) -> Any:
     return value  # targets: handled by the planner
 
 
-def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dict[str, Any]) -> SiteProgram:
-    """Walk `method`'s body for one layer. Raises PeftcError for a failed `require`."""
+class NeedsTensors(Exception):
+    """A `let` that reads a tensor (or a name bound only at emission): evaluated when the graph is built."""
+
+
+_TENSOR_NAMES = {"W", "W0", "b"}
+
+
+def _let_value(expr: Expr, env: dict[str, Any], deferred: set[str]) -> Any:
+    """Evaluate a `let` now if it needs no tensors; raise NeedsTensors if it does; EvalError if it is wrong."""
+    if names_in(expr) & (deferred | _TENSOR_NAMES):
+        raise NeedsTensors
+    return evaluate(expr, env)
+
+
+def _shape(ps: ParamSyntax, env: dict[str, Any], shape_of: Callable[[str], tuple[int, ...] | None] | None,
+           key: str | None) -> tuple[tuple[int, ...], dict[int, str]]:
+    """Evaluate a param's shape; a `?name` dim takes the loaded tensor's size (binding `name`) or name's value."""
+    loaded = shape_of(key) if shape_of is not None and key is not None else None
+    dims: list[int] = []
+    bound: dict[int, str] = {}
+    for i, d in enumerate(ps.shape):
+        if isinstance(d, tuple):
+            name = d[1]
+            bound[i] = name
+            if loaded is not None and len(loaded) == len(ps.shape):
+                env[name] = int(loaded[i])
+            elif name not in env:
+                raise EvalError(f"dim '?{name}' has no value: '{name}' is unknown and no checkpoint gives it")
+            dims.append(int(env[name]))
+        else:
+            dims.append(int(evaluate(d, env)))
+    return tuple(dims), bound
+
+
+def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dict[str, Any],
+                shape_of: Callable[[str], tuple[int, ...] | None] | None = None) -> SiteProgram:
+    """Walk `method`'s body for one layer. Raises PeftcError for a failed `require`.
+
+    `shape_of(saved_key)` gives the shape of a tensor in the checkpoint being loaded (or None), so that
+    `?name` dims (a pruned AdaLoRA rank, say) come from the file.
+    """
     env: dict[str, Any] = {**dims, **options}
     prog = SiteProgram([], [], None, None, None, env, True)
+    deferred: set[str] = set()   # names known only once tensors exist (lets over tensors, params, consts)
 
     def walk(stmts: list[Stmt]) -> None:
         for st in stmts:
@@ -235,14 +339,37 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
             prog.lets.append((name, expr))
             prog.steps.append(("let", (name, expr)))
             try:
-                env[name] = evaluate(expr, env)
-            except EvalError:
-                pass  # needs tensors: evaluated at emission time
-        elif st.kind == "param":
-            name, shape, init, saved = st.args
-            dims_ = tuple(int(evaluate(d, env)) for d in shape)
-            prog.params.append(ParamDecl(name, dims_, init, saved))
-            prog.steps.append(("param", prog.params[-1]))
+                env[name] = _let_value(expr, env, deferred)
+                deferred.discard(name)
+            except NeedsTensors:
+                deferred.add(name)
+                env.pop(name, None)
+        elif st.kind == "let_tuple":
+            names, expr = st.args
+            value = evaluate(expr, env)
+            if not isinstance(value, tuple) or len(value) != len(names):
+                raise EvalError(f"let ({', '.join(names)}) = ... needs a tuple of {len(names)} values, got {value!r}")
+            for n, v in zip(names, value):
+                env[n] = v
+                prog.lets.append((n, Const(v)))
+                prog.steps.append(("let", (n, Const(v))))
+        elif st.kind == "const":
+            name, expr = st.args
+            prog.consts.append((name, expr))
+            prog.steps.append(("const", (name, expr)))
+            deferred.add(name)
+        elif st.kind in ("param", "shared"):
+            ps: ParamSyntax = st.args[0]
+            if st.kind == "shared":
+                prog.shared.append(ps.name)
+                deferred.add(ps.name)
+                return
+            saved = ps.saved if ps.saved_if is None or evaluate(ps.saved_if, env) else None
+            shape, bound = _shape(ps, env, shape_of, saved)
+            decl = ParamDecl(ps.name, shape, ps.init, saved, ps.frozen, ps.dtype, ps.optional, bound)
+            prog.params.append(decl)
+            prog.steps.append(("param", decl))
+            deferred.add(ps.name)
         elif st.kind == "weight":
             prog.weight = st.args[0]
         elif st.kind == "bias":
@@ -266,6 +393,56 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
     if method.mergeable is not None:
         prog.mergeable = bool(evaluate(method.mergeable, env))
     return prog
+
+
+def instantiate_shared(method: MethodDef, kinds: set[str], options: dict[str, Any],
+                       dims: dict[str, Any]) -> tuple[list[ParamDecl], list[tuple[str, Any]], dict[str, Any]]:
+    """The adapter-level tensors (`shared` statements) for an adapter whose layers are of `kinds`, with
+    aggregate dims (`max_in`, `max_out`: the largest over its layers). Returns the declarations, the steps
+    (lets and shared params, in declaration order) and the environment. Lets that need a layer are skipped."""
+    env: dict[str, Any] = {**dims, **options}
+    decls: list[ParamDecl] = []
+    steps: list[tuple[str, Any]] = []
+
+    def walk(stmts: list[Stmt]) -> None:
+        for st in stmts:
+            try:
+                _step(st)
+            except EvalError as e:
+                raise PeftcError(f"in method '{method.name}': {e}", file=method.file, line=st.line) from None
+
+    def _step(st: Stmt) -> None:
+        if st.kind == "let":
+            name, expr = st.args
+            if names_in(expr) <= set(env) | {n for n, _ in steps}:
+                try:
+                    env[name] = evaluate(expr, env)
+                    steps.append(("let", (name, Const(env[name]))))
+                except EvalError:
+                    steps.append(("let", (name, expr)))
+        elif st.kind == "let_tuple":
+            names, expr = st.args
+            if names_in(expr) <= set(env):
+                for n, v in zip(names, evaluate(expr, env)):
+                    env[n] = v
+        elif st.kind == "shared":
+            ps: ParamSyntax = st.args[0]
+            saved = ps.saved if ps.saved_if is None or evaluate(ps.saved_if, env) else None
+            shape, bound = _shape(ps, env, None, None)
+            decl = ParamDecl(ps.name, shape, ps.init, saved, ps.frozen, ps.dtype, ps.optional, bound, shared=True)
+            decls.append(decl)
+            steps.append(("param", decl))
+        elif st.kind == "when":
+            cond, then, other = st.args
+            if names_in(cond) <= set(env):
+                walk(then if evaluate(cond, env) else other)
+        elif st.kind == "on":
+            ks, body = st.args
+            if kinds & set(ks):
+                walk(body)
+
+    walk(method.body)
+    return decls, steps, env
 
 
 def load_methods(paths: list[Path]) -> tuple[dict[str, MethodDef], list[tuple[Tree, str]]]:

@@ -19,6 +19,7 @@ def eliminate_dead_code(manifest: Manifest) -> Any:
                 del_path(gm, path)
                 manifest.registered.discard(path)
                 manifest.live.discard(path)
+                manifest.pinned.discard(path)
                 modified = True
         gm.recompile()
         return PassResult(gm, modified)

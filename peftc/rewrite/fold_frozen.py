@@ -34,7 +34,7 @@ def fold_frozen(manifest: Manifest) -> Any:
         adapted: set[fx.Node] = set()   # constant nodes that read an adapter tensor
         for n in gm.graph.nodes:
             if n.op == "get_attr":
-                if n.target not in manifest.live:
+                if n.target not in manifest.live and n.target not in manifest.pinned:
                     const.add(n)
                     if n.target in manifest.registered:
                         adapted.add(n)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from peftc.errors import PeftcError
 from peftc.ops import TARGET_TO_OP, Op
 
 TAG = "peftc"          # node.meta[TAG] = layer FQN, on every node peftc inserted
@@ -84,9 +85,16 @@ class GraphBuilder:
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in self.meta_from.meta:
                 node.meta[key] = self.meta_from.meta[key]
-        vals = [static_val(self.gm, a) if isinstance(a, fx.Node) else a for a in args]
-        static = all(not isinstance(a, fx.Node) or v is not None for a, v in zip(args, vals))
-        if static and node.op == "call_function":
+        missing = []
+
+        def val(a: Any) -> Any:
+            v = static_val(self.gm, a)
+            if v is None:
+                missing.append(a)
+            return v
+
+        vals = fx.node.map_aggregate(list(args), lambda a: val(a) if isinstance(a, fx.Node) else a)
+        if not missing and node.op == "call_function":
             try:
                 node.meta["peftc_val"] = node.target(*vals)
             except Exception:  # noqa: BLE001 - shape inference is best effort
@@ -94,6 +102,9 @@ class GraphBuilder:
         return node
 
     def apply(self, op: Op, target: Any, args: list[Any]) -> fx.Node:
+        if op.plan_only:
+            raise PeftcError(f"'{op.name}' is computed once at compile time: use it in a `const` or an init, "
+                             "not in a weight expression")
         g = self.gm.graph
         with g.inserting_before(self.anchor):
             if op.module_call:

@@ -35,9 +35,11 @@ SITE_OPS = {
 }
 
 
-def param_path(layer: str, saved: str, adapter: str) -> str:
+def param_path(layer: str, saved: str | None, adapter: str, name: str = "") -> str:
     """peft's in-memory name: 'lora_A.weight' -> '<layer>.lora_A.<adapter>.weight',
-    'ia3_l' -> '<layer>.ia3_l.<adapter>'."""
+    'ia3_l' -> '<layer>.ia3_l.<adapter>'; a tensor that is never saved: '<layer>.peftc_<name>.<adapter>'."""
+    if saved is None:
+        return f"{layer}.peftc_{name}.{adapter}"
     head, dot, leaf = saved.rpartition(".")
     if dot and leaf in ("weight", "bias"):
         return f"{layer}.{head}.{adapter}.{leaf}"
@@ -79,31 +81,40 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
                 if p is old:
                     set_path(gm, name, new)
             modified = True
+        shared_paths: dict[tuple[str, str], str] = {}
         for name, ap in plan.adapters.items():
             manifest.adapters[name] = AdapterRecord(name, ap.method.name, dict(ap.options), {}, {},
                                                     merged=ap.merge, active=ap.active,
                                                     extra_config={k: v for k, v in ap.spec.extra_config.items()
                                                                   if not k.startswith("__")},
                                                     extra_tensors=dict(ap.base_weights))
+            live = ap.active and not ap.merge
+            for decl in ap.shared_decls:   # one tensor per adapter, read by every layer
+                path = f"peftc_shared.{name}.{decl.name}"
+                _register(gm, manifest, path, ap.shared[decl.name], live, decl.frozen)
+                if decl.saved is not None:
+                    manifest.adapters[name].shared[decl.saved] = get_path(gm, path)
+                shared_paths[(name, decl.name)] = path
         for lname, sas in plan.sites.items():
             layer = plan.layers[lname]
             # register every adapter tensor once per layer
-            paths: dict[tuple[str, str], str] = {}
+            paths: dict[tuple[str, str], str] = dict(shared_paths)
             for sa in sas:
                 rec = manifest.adapters[sa.adapter]
                 rec.tensors[lname] = {}
                 rec.layer_options[lname] = dict(sa.layer_options)
+                live = sa.active and not sa.merge
                 for decl in sa.program.params:
-                    path = param_path(lname, decl.saved, sa.adapter)
-                    live = sa.active and not sa.merge
-                    t = sa.tensors[decl.name]
-                    p = nn.Parameter(t, requires_grad=live and t.is_floating_point())
-                    set_path(gm, path, p)
-                    manifest.registered.add(path)
-                    if live:
-                        manifest.live.add(path)
-                    rec.tensors[lname][decl.saved] = p
+                    path = param_path(lname, decl.saved, sa.adapter, decl.name)
+                    _register(gm, manifest, path, sa.tensors[decl.name], live, decl.frozen)
+                    if decl.saved is not None:
+                        rec.tensors[lname][decl.saved] = get_path(gm, path)
                     paths[(sa.adapter, decl.name)] = path
+                for cname, value in sa.consts.items():
+                    path = f"{lname}.peftc_{cname}.{sa.adapter}"
+                    set_path(gm, path, value)
+                    manifest.registered.add(path)
+                    paths[(sa.adapter, cname)] = path
                 if sa.active and not sa.merge and plan.train and sa.program.dropout:
                     p_drop, stem = sa.program.dropout
                     mpath = f"{lname}.{stem}.{sa.adapter}"
@@ -145,6 +156,17 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
     return run
 
 
+def _register(gm: fx.GraphModule, manifest: Manifest, path: str, t: torch.Tensor, live: bool, frozen: bool) -> None:
+    """Put an adapter tensor on the graph module: trainable when its adapter is live (unless frozen or not
+    a float); a frozen tensor of a live adapter is pinned (never constant-folded, so a shared tensor stays one)."""
+    set_path(gm, path, nn.Parameter(t, requires_grad=live and not frozen and t.is_floating_point()))
+    manifest.registered.add(path)
+    if live and not frozen and t.is_floating_point():
+        manifest.live.add(path)
+    elif live:
+        manifest.pinned.add(path)
+
+
 def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train: bool) -> bool:
     """Replace the layer's weight (and bias) wherever the layer's own ops read them by W' = T(W, theta)."""
     if not sas:
@@ -166,15 +188,17 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
     for sa in sas:
         prog = sa.program
         env: dict[str, Any] = dict(prog.env)
-        for decl in prog.params:
-            node = b.get_attr(paths[(sa.adapter, decl.name)])
-            t = sa.tensors[decl.name]
+        tensors = [(d.name, sa.tensors[d.name]) for d in prog.params] + list(sa.consts.items())
+        tensors += [(n, get_path(gm, paths[(sa.adapter, n)])) for n in prog.shared]
+        for pname, t in tensors:
+            node = b.get_attr(paths[(sa.adapter, pname)])
             if t.is_floating_point() and t.dtype != layer.dtype:
                 node = b.apply(TENSOR_OPS["cast"], TENSOR_OPS["cast"].target, [node, layer.dtype])
-            env[decl.name] = node
+            env[pname] = node
         env["W"], env["W0"], env["b"] = w_cur, w_base, b_cur
         for name, expr in prog.lets:
-            env[name] = evaluate(expr, env, b)
+            if name not in prog.env:   # lets over tensors; the others were computed when the method was instantiated
+                env[name] = evaluate(expr, env, b)
         w_new = evaluate(prog.weight, env, b) if prog.weight is not None else w_cur
         b_new = evaluate(prog.bias, env, b) if prog.bias is not None else b_cur
         if train and prog.dropout and not sa.merge and w_new is not w_cur:
