@@ -118,6 +118,10 @@ def block_circulant(k: torch.Tensor) -> torch.Tensor:
     return blocks.permute(0, 2, 1, 3).reshape(m * b, n * b)
 
 
+def softmax(v: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.softmax(v, dim)
+
+
 def topk_values(v: torch.Tensor, k: int) -> torch.Tensor:
     """The k largest values along the last dim, largest first."""
     return torch.topk(v, int(k), dim=-1).values
@@ -153,7 +157,7 @@ class Init:
         the draw reproducible, else from the compile's seeded generator), then cast to `dtype`."""
         kw = dict(self.kwargs)
         gen = kw.pop("generator", None) or generator
-        t = torch.empty(shape, dtype=kw.pop("dtype", torch.float32))
+        t = torch.empty(shape, dtype=DTYPES[kw.pop("dtype", "float32")])
         if self.kind == "zeros":
             t.zero_()
         elif self.kind == "ones":
@@ -165,15 +169,33 @@ class Init:
         elif self.kind == "uniform":
             t.uniform_(kw.get("low", 0.0), kw.get("high", 1.0), generator=gen)
         elif self.kind == "kaiming_uniform":
-            a = kw.get("a", math.sqrt(5))
-            fan_in = t[0].numel() if t.dim() > 1 else t.numel()
-            bound = math.sqrt(6.0 / ((1 + a * a) * max(fan_in, 1)))
-            t.uniform_(-bound, bound, generator=gen)
+            torch.nn.init.kaiming_uniform_(t, a=kw.get("a", math.sqrt(5)), generator=gen)
         elif self.kind == "xavier_uniform":
             torch.nn.init.xavier_uniform_(t, gain=kw.get("gain", 1.0), generator=gen)
         else:
             raise ValueError(f"unknown initialiser {self.kind}")
         return t.to(dtype)
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "uint8": torch.uint8, "bool": torch.bool}
+
+
+def draw(init: Init, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor drawn now by `init` (in the dtype the init names; float32 by default)."""
+    kw = dict(init.kwargs)
+    return init.make(tuple(int(d) for d in shape), DTYPES[kw.get("dtype", "float32")], torch.Generator())
+
+
+def draw_cat(init: Init, shape: tuple[int, ...], count: int, dim: int) -> torch.Tensor:
+    """`count` tensors of `shape` drawn one after the other by `init` (each with its own fan), joined along
+    `dim`: how peft draws some bases piece by piece from one generator."""
+    return torch.cat([draw(init, shape) for _ in range(int(count))], dim=int(dim))
+
+
+def unit_std(v: torch.Tensor) -> torch.Tensor:
+    """v divided by its standard deviation (in v's dtype)."""
+    return v / v.std()
 
 
 def _init(kind: str) -> Callable[..., Init]:
@@ -273,7 +295,6 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("zeros_like", aten.zeros_like.default),
     Op("scatter2d", scatter2d),
     Op("real_ifft2", real_ifft2),
-    Op("softmax", aten._softmax.default, defaults=(False,), arity=3),
     Op("topk_values", lambda v, k: torch.topk(v, k, dim=-1).values),
     Op("topk_indices", lambda v, k: torch.topk(v, k, dim=-1).indices),
     Op("gather", aten.gather.default),
@@ -284,6 +305,10 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("generator", generator, plan_only=True),
     Op("randperm", randperm, plan_only=True),
     Op("sort", sort, plan_only=True),
+    Op("draw", draw, plan_only=True),
+    Op("draw_cat", draw_cat, plan_only=True),
+    Op("unit_std", unit_std),
+    Op("softmax", softmax),
 ]}
 
 TARGET_TO_OP: dict[Any, Op] = {op.target: op for op in TENSOR_OPS.values() if op.target is not None}

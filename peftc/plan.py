@@ -38,7 +38,7 @@ from peftc.lang.methods import (
     instantiate_shared,
 )
 from peftc.library import Library, library
-from peftc.ops import Init
+from peftc.ops import DTYPES, Init
 from peftc.spec.model import AdapterSpec, Span, Spec
 from peftc.targeting import (
     Layer,
@@ -229,10 +229,6 @@ def _near_misses(ad: AdapterSpec, names: list[str]) -> str:
     return f"; nearest module names: {', '.join(hints)}"
 
 
-_DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
-                "int16": torch.int16, "uint8": torch.uint8, "bool": torch.bool}
-
-
 def make_tensors(steps: list[tuple[str, Any]], env: dict[str, Any], dtype: torch.dtype, gen: torch.Generator,
                  load: Callable[[ParamDecl], torch.Tensor | None]) -> tuple[dict[str, torch.Tensor], dict]:
     """Run a method's lets, consts and params eagerly, in declaration order: each param is loaded (`load`
@@ -266,7 +262,7 @@ def make_tensors(steps: list[tuple[str, Any]], env: dict[str, Any], dtype: torch
             else:
                 raise PeftcError(f"param {decl.name}: init gave {type(init).__name__}, not a tensor")
         if decl.dtype is not None:
-            t = t.to(_DTYPE_NAMES[decl.dtype])
+            t = t.to(DTYPES[decl.dtype])
         out[decl.name] = t
         env[decl.name] = t
     return out, consts
@@ -407,7 +403,8 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                 if decl.type == "targets" and decl.name not in lopts:
                     lopts[decl.name] = False
             try:
-                prog = instantiate(method, kind, lopts, {**layer.dims, **agg_dims, "training": train},
+                prog = instantiate(method, kind, lopts,
+                                   {**layer.dims, **agg_dims, "training": train, "loading": ckpt is not None},
                                    _checkpoint_shapes(ckpt, f"{PREFIX}{lname}."))
             except RequireFailed as e:
                 opts = [n for n in e.names if n in ad.option_spans]
@@ -447,6 +444,12 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                     copy[pname] = p.detach().clone()
             ap.modules_to_save[m] = copy
         if ckpt is not None:
+            for decl in shared_decls:   # per-layer copies of a shared tensor: checked, not loaded twice
+                if decl.each_layer and decl.saved is not None:
+                    for lname in matched:
+                        key = f"{PREFIX}{lname}.{decl.saved}"
+                        if key in ckpt:
+                            ckpt.take(key, decl.shape, f"adapter '{name}', copy of the shared {decl.saved}")
             # peft saves whole embedding / output layers (save_embedding_layers) as <layer>.base_layer.*:
             # they are the base weights the adapter was trained on, and replace the model's own
             for lname in matched:

@@ -111,6 +111,21 @@ CASES = [
     Case("llama-c3a", "llama", lambda: peft.C3AConfig(block_size=16, target_modules=LLAMA_QV,
                                                       block_size_pattern={"down_proj": 32}),
          'c3a(block_size = 8, init = "gaussian") { targets q_proj, down_proj }'),
+    # ---- VB-LoRA (shared vector bank; the top-k-only layout)
+    Case("llama-vblora", "llama", lambda: peft.VBLoRAConfig(r=2, num_vectors=16, vector_length=16, topk=3,
+                                                            target_modules=LLAMA_QV),
+         'vblora(r = 2, num_vectors = 8, vector_length = 8, init_logits_std = 1) { targets q_proj, down_proj }'),
+    Case("llama-vblora-topk", "llama", lambda: peft.VBLoRAConfig(r=2, num_vectors=16, vector_length=16, topk=2,
+                                                                 save_only_topk_weights=True, target_modules=LLAMA_QV)),
+    Case("gpt2-vblora", "gpt2", lambda: peft.VBLoRAConfig(r=2, num_vectors=8, vector_length=16, topk=2,
+                                                          target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+    # ---- RandLoRA (bases in the file, or regenerated from the key; in > out and in < out layers)
+    Case("llama-randlora", "llama", lambda: peft.RandLoraConfig(r=8, randlora_alpha=16, target_modules=LLAMA_QV),
+         'randlora(r = 16, randlora_alpha = 4, init = "random") { targets q_proj, down_proj }'),
+    Case("llama-randlora-noproj", "llama", lambda: peft.RandLoraConfig(r=8, randlora_alpha=16, save_projection=False,
+                                                                       projection_prng_key=5,
+                                                                       target_modules=["up_proj", "down_proj"]),
+         'randlora(r = 16, save_projection = false, init = "random") { targets up_proj, down_proj }'),
     # ---- SHiRA (saved sparse indices)
     Case("llama-shira", "llama", lambda: peft.ShiraConfig(r=2, target_modules=LLAMA_QV, random_seed=4),
          'shira(r = 2, init = "random") { targets q_proj, down_proj }'),

@@ -62,6 +62,9 @@ def adapter_tensors(rec: AdapterRecord) -> dict[str, torch.Tensor]:
             out[f"{PREFIX}{mod}.{pname}"] = t.detach()
     out.update({k: t.detach() for k, t in rec.extra_tensors.items()})
     out.update({f"{SHARED_PREFIX}{k}": t.detach() for k, t in rec.shared.items()})
+    for k in rec.shared_each_layer:   # peft keeps a copy under every layer too (a separate tensor in the file)
+        for layer in rec.tensors:
+            out[f"{PREFIX}{layer}.{k}"] = rec.shared[k].detach().clone()
     return out
 
 

@@ -84,6 +84,7 @@ class ParamDecl:
     optional: bool = False       # a checkpoint may lack it (then it is initialised)
     bound: dict[int, str] = field(default_factory=dict)  # dim index -> name bound from a loaded tensor
     shared: bool = False         # one tensor per adapter, shared by its layers (saved at base_model.<key>)
+    each_layer: bool = False     # a shared tensor that the checkpoint also holds under every layer (a copy)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class ParamSyntax:
     frozen: bool
     dtype: str | None
     optional: bool
+    each_layer: bool = False
 
 
 @dataclass
@@ -136,7 +138,7 @@ def _const(expr: Expr, file: str) -> Any:
         raise PeftcError(f"option default must be a constant: {e}", file=file, line=expr.line) from None
 
 
-_DTYPES = ("float32", "float64", "int64", "int32", "int16", "uint8", "bool")
+_DTYPES = ("float32", "float64", "bfloat16", "float16", "int64", "int32", "int16", "uint8", "bool")
 
 
 def _param_syntax(ch: list, file: str, line: int) -> ParamSyntax:
@@ -150,7 +152,7 @@ def _param_syntax(ch: list, file: str, line: int) -> ParamSyntax:
         else:
             shape.append(to_expr(d))
     saved, saved_if = None, None
-    frozen, dtype, optional = False, None, False
+    frozen, dtype, optional, each_layer = False, None, False, False
     for a in ch[3:]:
         if a is None:
             continue
@@ -161,12 +163,14 @@ def _param_syntax(ch: list, file: str, line: int) -> ParamSyntax:
             frozen = True
         elif a.data == "optional":
             optional = True
+        elif a.data == "each_layer":
+            each_layer = True
         elif a.data == "dtype":
             dtype = str(a.children[0])
             if dtype not in _DTYPES:
                 raise PeftcError(f"param {name}: unknown dtype '{dtype}'{did_you_mean(dtype, _DTYPES)}; "
                                  f"dtypes: {', '.join(_DTYPES)}", file=file, line=line)
-    return ParamSyntax(name, tuple(shape), init, saved, saved_if, frozen, dtype, optional)
+    return ParamSyntax(name, tuple(shape), init, saved, saved_if, frozen, dtype, optional, each_layer)
 
 
 def _stmts(block: Tree, file: str) -> list[Stmt]:
@@ -429,7 +433,8 @@ def instantiate_shared(method: MethodDef, kinds: set[str], options: dict[str, An
             ps: ParamSyntax = st.args[0]
             saved = ps.saved if ps.saved_if is None or evaluate(ps.saved_if, env) else None
             shape, bound = _shape(ps, env, None, None)
-            decl = ParamDecl(ps.name, shape, ps.init, saved, ps.frozen, ps.dtype, ps.optional, bound, shared=True)
+            decl = ParamDecl(ps.name, shape, ps.init, saved, ps.frozen, ps.dtype, ps.optional, bound, shared=True,
+                             each_layer=ps.each_layer)
             decls.append(decl)
             steps.append(("param", decl))
         elif st.kind == "when":

@@ -94,6 +94,8 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
                 _register(gm, manifest, path, ap.shared[decl.name], live, decl.frozen)
                 if decl.saved is not None:
                     manifest.adapters[name].shared[decl.saved] = get_path(gm, path)
+                    if decl.each_layer:
+                        manifest.adapters[name].shared_each_layer.add(decl.saved)
                 shared_paths[(name, decl.name)] = path
         for lname, sas in plan.sites.items():
             layer = plan.layers[lname]
