@@ -122,6 +122,15 @@ def softmax(v: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.softmax(v, dim)
 
 
+def sparse_linear(x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                  like: torch.Tensor) -> torch.Tensor:
+    """linear(x, scatter2d(values, rows, cols, like)) without the dense matrix: gather the inputs each value
+    reads, scale, and add them into their output features."""
+    contrib = torch.index_select(x, -1, cols.long()) * values.to(x.dtype)
+    out = torch.zeros(*x.shape[:-1], like.shape[0], dtype=x.dtype, device=x.device)
+    return torch.index_add(out, -1, rows.long(), contrib)
+
+
 def topk_values(v: torch.Tensor, k: int) -> torch.Tensor:
     """The k largest values along the last dim, largest first."""
     return torch.topk(v, int(k), dim=-1).values
@@ -291,6 +300,7 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("fold_cols", fold_cols),
     Op("kron_linear", kron_linear),
     Op("block_circulant", block_circulant),
+    Op("sparse_linear", sparse_linear),
     Op("eye", eye),
     Op("zeros_like", aten.zeros_like.default),
     Op("scatter2d", scatter2d),

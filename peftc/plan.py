@@ -318,6 +318,44 @@ def _shared_tensors(method: MethodDef, options: dict[str, Any], layers: list[Lay
     return decls, tensors
 
 
+def _instantiate_layer(ad: AdapterSpec, method: MethodDef, options: dict[str, Any], lname: str, layer: Layer | None,
+                       module: nn.Module, extra_dims: dict[str, Any], ckpt: CheckpointTensors | None, merge: bool,
+                       spec: Spec) -> tuple[SiteProgram, dict[str, Any]]:
+    """The method's program at one layer, with the option values that hold there (per-layer patterns,
+    targets-typed options); a failed `require` or an unmergeable `merge` is an error at the spec."""
+    name = ad.name
+    kind = layer.kind if layer else layer_kind(module)
+    if layer is None or kind not in method.kinds:
+        raise _err(f"adapter '{name}': {method.name} does not support layer '{lname}' ({type(module).__name__}); "
+                   f"it supports {', '.join(method.kinds)}", ad.targets[0].span if ad.targets else ad.span, spec)
+    lopts = dict(options)
+    pp_by_opt: dict[str, list[tuple[str, Any]]] = {}
+    for pp in ad.per_pattern:
+        pp_by_opt.setdefault(pp.option, []).append((pp.rule.value, pp.value))
+    for opt, pats in pp_by_opt.items():
+        hit, val = pattern_value(pats, lname)
+        if hit:
+            lopts[opt] = val
+    for opt, rules in ad.option_targets.items():
+        lopts[opt] = option_targets_hit(rules, lname)
+    for decl in method.options.values():
+        if decl.type == "targets" and decl.name not in lopts:
+            lopts[decl.name] = False
+    try:
+        prog = instantiate(method, kind, lopts, {**layer.dims, **extra_dims},
+                           _checkpoint_shapes(ckpt, f"{PREFIX}{lname}."))
+    except RequireFailed as e:
+        opts = [n for n in e.names if n in ad.option_spans]
+        about_layer = bool(e.names & set(layer.dims))
+        where = f" on '{lname}'" if about_layer else ""
+        span = ad.option_spans[opts[0]] if opts else ad.span
+        raise _err(f"adapter '{name}'{where}: {e.message}", span, spec) from None
+    if merge and not prog.mergeable:
+        raise _err(f"adapter '{name}' cannot be merged into '{lname}' ({method.name} with these options "
+                   "is not mergeable here); drop `merge` / --merge", ad.span, spec)
+    return prog, lopts
+
+
 def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: bool = False,
                seed: int = 0, lib: Library | None = None) -> Plan:
     lib = lib or library()
@@ -380,46 +418,19 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
         gen = torch.Generator().manual_seed(seed + idx)
         targeted = [layers[n] for n in matched if n in layers]
         agg_dims = aggregate_dims(targeted)
+        # every layer's program first (its `require`s checked), then the adapter's shared tensors, then each
+        # layer's own tensors (which may read the shared ones)
+        programs = [(lname, *_instantiate_layer(ad, method, options, lname, layers.get(lname), named[lname],
+                                                {**agg_dims, "training": train, "loading": ckpt is not None},
+                                                ckpt, merge, spec))
+                    for lname in matched]
         shared_decls, shared = _shared_tensors(method, options, targeted, agg_dims, ckpt, gen, name)
-        pp_by_opt: dict[str, list[tuple[str, Any]]] = {}
-        for pp in ad.per_pattern:
-            pp_by_opt.setdefault(pp.option, []).append((pp.rule.value, pp.value))
-        for lname in matched:
-            layer = layers.get(lname)
-            kind = layer.kind if layer else layer_kind(named[lname])
-            if layer is None or kind not in method.kinds:
-                what = type(named[lname]).__name__
-                raise _err(f"adapter '{name}': {method.name} does not support layer '{lname}' ({what}); "
-                           f"it supports {', '.join(method.kinds)}",
-                           ad.targets[0].span if ad.targets else ad.span, spec)
-            lopts = dict(options)
-            for opt, pats in pp_by_opt.items():
-                hit, val = pattern_value(pats, lname)
-                if hit:
-                    lopts[opt] = val
-            for opt, rules in ad.option_targets.items():
-                lopts[opt] = option_targets_hit(rules, lname)
-            for decl in method.options.values():
-                if decl.type == "targets" and decl.name not in lopts:
-                    lopts[decl.name] = False
-            try:
-                prog = instantiate(method, kind, lopts,
-                                   {**layer.dims, **agg_dims, "training": train, "loading": ckpt is not None},
-                                   _checkpoint_shapes(ckpt, f"{PREFIX}{lname}."))
-            except RequireFailed as e:
-                opts = [n for n in e.names if n in ad.option_spans]
-                about_layer = bool(e.names & set(layer.dims))
-                where = f" on '{lname}'" if about_layer else ""
-                span = ad.option_spans[opts[0]] if opts else ad.span
-                raise _err(f"adapter '{name}'{where}: {e.message}", span, spec) from None
-            if merge and not prog.mergeable:
-                raise _err(f"adapter '{name}' cannot be merged into '{lname}' ({method.name} with these options "
-                           "is not mergeable here); drop `merge` / --merge", ad.span, spec)
+        for lname, prog, lopts in programs:
+            layer = layers[lname]
             weight = params[layer.weight]
-            w_lin = weight.t() if kind == "conv1d_hf" else weight
+            w_lin = weight.t() if layer.kind == "conv1d_hf" else weight
             bias = params.get(layer.bias) if layer.bias else None
             pdtype = _param_dtype(layer.dtype)
-
             load = _checkpoint_loader(ckpt, f"{PREFIX}{lname}.", pdtype,
                                       f"adapter '{name}', {method.name} on '{lname}'")
             env = {**prog.env, **shared, "W": w_lin.detach().to(pdtype),

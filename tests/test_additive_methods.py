@@ -193,3 +193,140 @@ def test_fresh_adapter_saves_for_peft(case, tmp_path):
     assert set(cfg) <= known, sorted(set(cfg) - known)
     pm = peft.PeftModel.from_pretrained(_models(case.model), str(tmp_path / "ckpt")).eval()
     assert max_diff(run_logits(pm, x), ours) <= TOL
+
+
+@pytest.mark.parametrize("case", FRESH, ids=[c.id for c in FRESH])
+def test_trains_through_the_graph_and_loads_in_peft(case, tmp_path):
+    """A few optimizer steps on the compiled graph move every trainable tensor; frozen ones (w_norm, SHiRA's
+    indices, shared projections) stay; the trained adapter loads in peft with identical outputs."""
+    gm = _compile(f"adapter default: {case.fresh}", case.model, train=True)
+    trainable = {n: p.detach().clone() for n, p in gm.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in gm.named_parameters() if not p.requires_grad}
+    assert trainable
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    x = _inputs(case.model)
+    for _ in range(2):
+        out = gm(**x)
+        loss = (out if isinstance(out, torch.Tensor) else out[0] if isinstance(out, tuple) else
+                out["logits"] if isinstance(out, dict) else out.logits).float().pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = [n for n, p in gm.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+    assert moved, "training changed no adapter tensor"
+    for n, p in gm.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    gm.eval()
+    ours = run_logits(gm, x)
+    peftc.save_adapter(gm, tmp_path / "trained")
+    pm = peft.PeftModel.from_pretrained(_models(case.model), str(tmp_path / "trained")).eval()
+    assert max_diff(run_logits(pm, x), ours) <= TOL
+
+
+ONNX_METHODS = {
+    "adalora": 'adalora(init_r = 4, total_step = 10, init = "random")',
+    "loha": 'loha(r = 2, init = "random")',
+    "lokr": 'lokr(r = 2, init = "random")',
+    "vera": 'vera(r = 4, init = "random")',
+    "delora": 'delora(r = 2, init = "random")',
+    "miss": 'miss(r = 4, init = "random")',
+    "miss-bat": 'miss(r = 4, init = "bat")',
+    "fourierft": "fourierft(n_frequency = 10, scaling = 20)",
+    "c3a": 'c3a(block_size = 8, init = "gaussian")',
+    "shira": 'shira(r = 2, init = "random")',
+    "vblora": "vblora(r = 2, num_vectors = 8, vector_length = 8, init_logits_std = 1)",
+    "randlora": "randlora(r = 4, randlora_alpha = 8)",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("merge", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("method", sorted(ONNX_METHODS))
+def test_onnx_export_checks_in_onnxruntime(method, merge, tmp_path):
+    gm = _compile(f"adapter a: {ONNX_METHODS[method]} {{ targets lin0, lin1 }}", "token-mlp", merge=merge)
+    x = _inputs("token-mlp")
+    if method != "miss-bat":   # bat has no random init: it starts as the identity
+        assert max_diff(run_logits(gm, x), run_logits(_models("token-mlp"), x)) > CHANGED
+    result = peftc.export_onnx(gm, tmp_path / "m.onnx")
+    assert result.max_abs_diff <= 1e-4
+
+
+EXPECTED_RULES = {   # the cheap unmerged form of each method: the rules that must have fired
+    "adalora": {"low_rank", "row_scale"},
+    "vera": {"low_rank", "row_scale"},
+    "delora": {"low_rank", "row_scale", "column_scale"},
+    "lokr": {"kron_apply"},
+    "miss": {"tiled_cols"},
+    "shira": {"sparse"},
+    "vblora": {"low_rank"},
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_RULES))
+def test_structured_unmerged_forms(method):
+    from peftc.pipeline import compile_model
+    from conftest import example_inputs_for
+    c = compile_model(f"adapter a: {ONNX_METHODS[method]} {{ targets lin0, lin1 }}", MODELS["token-mlp"](),
+                      example_inputs=example_inputs_for("token-mlp"))
+    fired = {entry.split(" @ ")[0] for entry in c.rule_log}
+    assert EXPECTED_RULES[method] <= fired, fired
+    kron_or_scatter = {torch.ops.aten.kron.default}
+    assert not [n for n in c.gm.graph.nodes if n.op == "call_function" and n.target in kron_or_scatter]
+
+
+def _tamper(src, dst, edit):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    sd = load_file(f"{dst}/adapter_model.safetensors")
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    sd, cfg = edit(sd, cfg)
+    save_file(sd, f"{dst}/adapter_model.safetensors")
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+BAD = {
+    "missing": (lambda sd, cfg: ({k: v for k, v in sd.items() if not k.endswith("q_proj.hada_w2_b")}, cfg),
+                "missing tensor '.*q_proj.hada_w2_b'"),
+    "extra": (lambda sd, cfg: ({**sd, "base_model.model.lm_head.hada_w1_a": torch.zeros(2, 2)}, cfg),
+              "unexpected tensor 'base_model.model.lm_head.hada_w1_a'"),
+    "misshapen": (lambda sd, cfg: ({k: (v[:, :1].contiguous() if k.endswith("layers.0.self_attn.q_proj.hada_w1_a") else v)
+                                    for k, v in sd.items()}, cfg), r"has shape \[64, 1\], expected \[64, 4\]"),
+    "bad-option": (lambda sd, cfg: (sd, {**cfg, "r": "four"}), "r expects an integer"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_checkpoint_is_a_located_error(kind, tmp_path):
+    _, _, d = peft_adapter("llama", peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path)
+    edit, message = BAD[kind]
+    bad = _tamper(d, tmp_path / "bad", edit)
+    with pytest.raises(peftc.PeftcError, match=message):
+        compile_on(f'adapter a: import "{bad}"', "llama")
+
+
+@pytest.mark.parametrize("config, edit, message", [
+    (lambda: peft.RandLoraConfig(r=8, target_modules=["q_proj"]), {"sparse": True}, "sparse / very_sparse"),
+    (lambda: peft.VBLoRAConfig(r=2, num_vectors=8, vector_length=16, target_modules=["q_proj"]),
+     {"vector_length": 24}, "vector_length must divide"),
+    (lambda: peft.ShiraConfig(r=2, target_modules=["q_proj"]), {"mask_type": "custom"}, "only mask_type"),
+    (lambda: peft.C3AConfig(block_size=16, target_modules=["q_proj"]), {"block_size": 0}, "block_size must be"),
+], ids=["randlora-sparse", "vblora-vector-length", "shira-custom-mask", "c3a-block-size"])
+def test_unsupported_options_are_refused(config, edit, message, tmp_path):
+    _, _, d = peft_adapter("llama", config(), tmp_path)
+    bad = _tamper(d, tmp_path / "bad", lambda sd, cfg: (sd, {**cfg, **edit}))
+    with pytest.raises(peftc.PeftcError, match=message):
+        compile_on(f'adapter a: import "{bad}"', "llama")
+
+
+def test_training_note_and_refusals():
+    with pytest.raises(peftc.PeftcError, match="rank_dropout and module_dropout are not supported when training"):
+        compile_on("adapter a: loha(r = 2, rank_dropout = 0.1) { targets q_proj }", "llama", train=True)
+    with pytest.raises(peftc.PeftcError, match="inference-only layout"):
+        compile_on("adapter a: vblora(r = 2, num_vectors = 8, vector_length = 8, save_only_topk_weights = true) "
+                   "{ targets q_proj }", "llama")
+    from peftc.library import library
+    assert "rank allocator" in library().method("adalora").training_note

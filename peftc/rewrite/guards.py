@@ -42,5 +42,15 @@ def guards(gm: fx.GraphModule) -> dict[str, Callable[..., Any]]:
     def ungrouped(*rest: Any) -> bool:
         return not rest or rest[-1] == 1
 
-    return {"scalar": scalar, "column_of": column_of, "row_of": row_of, "adapted": adapted,
+    def matrix(v: Any) -> bool:
+        s = shape(v)
+        return s is not None and len(s) == 2
+
+    def cols(v: Any) -> int:
+        s = shape(v)
+        if s is None:
+            raise ValueError("cols(): the shape is not static")
+        return s[-1]
+
+    return {"matrix": matrix, "cols": cols, "scalar": scalar, "column_of": column_of, "row_of": row_of, "adapted": adapted,
             "is_none": is_none, "in_channels_of": in_channels_of, "ungrouped": ungrouped, "swaps": swaps}
