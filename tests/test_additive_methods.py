@@ -265,8 +265,9 @@ EXPECTED_RULES = {   # the cheap unmerged form of each method: the rules that mu
 
 @pytest.mark.parametrize("method", sorted(EXPECTED_RULES))
 def test_structured_unmerged_forms(method):
-    from peftc.pipeline import compile_model
     from conftest import example_inputs_for
+
+    from peftc.pipeline import compile_model
     c = compile_model(f"adapter a: {ONNX_METHODS[method]} {{ targets lin0, lin1 }}", MODELS["token-mlp"](),
                       example_inputs=example_inputs_for("token-mlp"))
     fired = {entry.split(" @ ")[0] for entry in c.rule_log}
@@ -293,8 +294,9 @@ BAD = {
                 "missing tensor '.*q_proj.hada_w2_b'"),
     "extra": (lambda sd, cfg: ({**sd, "base_model.model.lm_head.hada_w1_a": torch.zeros(2, 2)}, cfg),
               "unexpected tensor 'base_model.model.lm_head.hada_w1_a'"),
-    "misshapen": (lambda sd, cfg: ({k: (v[:, :1].contiguous() if k.endswith("layers.0.self_attn.q_proj.hada_w1_a") else v)
-                                    for k, v in sd.items()}, cfg), r"has shape \[64, 1\], expected \[64, 4\]"),
+    "misshapen": (lambda sd, cfg: ({k: (v[:, :1].contiguous() if k.endswith("layers.0.self_attn.q_proj.hada_w1_a")
+                                        else v) for k, v in sd.items()}, cfg),
+                  r"has shape \[64, 1\], expected \[64, 4\]"),
     "bad-option": (lambda sd, cfg: (sd, {**cfg, "r": "four"}), "r expects an integer"),
 }
 
