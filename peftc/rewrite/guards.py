@@ -53,4 +53,5 @@ def guards(gm: fx.GraphModule) -> dict[str, Callable[..., Any]]:
         return s[-1]
 
     return {"matrix": matrix, "cols": cols, "scalar": scalar, "column_of": column_of, "row_of": row_of,
-            "adapted": adapted, "is_none": is_none, "in_channels_of": in_channels_of, "ungrouped": ungrouped, "swaps": swaps}
+            "adapted": adapted, "is_none": is_none, "in_channels_of": in_channels_of, "ungrouped": ungrouped,
+            "swaps": swaps}
