@@ -37,6 +37,7 @@ from peftc.lang.methods import (
     instantiate,
     instantiate_shared,
 )
+from peftc.layer_kinds import KINDS
 from peftc.library import Library, library
 from peftc.ops import DTYPES, Init
 from peftc.spec.model import AdapterSpec, Span, Spec
@@ -375,7 +376,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
         is_active = name in active
         merge = (ad.merge or merge_all) and is_active
         from_cfg = ad.import_dir is not None and raw.method is None
-        all_linear = {n for n, l in layers.items() if l.kind in ("linear", "conv1d_hf")}
+        all_linear = {n for n, l in layers.items() if KINDS[l.kind].linear_like}
         task_type = ad.extra_config.get("task_type")
         all_linear -= output_layer_names(model, classifier_head=(task_type == "SEQ_CLS") if from_cfg else True)
         # modules_to_save (a classification head, say): resolve names to modules
@@ -428,7 +429,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
         for lname, prog, lopts in programs:
             layer = layers[lname]
             weight = params[layer.weight]
-            w_lin = weight.t() if layer.kind == "conv1d_hf" else weight
+            w_lin = weight.t() if KINDS[layer.kind].transposed else weight
             bias = params.get(layer.bias) if layer.bias else None
             pdtype = _param_dtype(layer.dtype)
             load = _checkpoint_loader(ckpt, f"{PREFIX}{lname}.", pdtype,

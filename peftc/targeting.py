@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftc.layer_kinds import kind_of
 from peftc.spec.model import AdapterSpec, TargetRule
 
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -36,42 +37,22 @@ class Layer:
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return "conv1d_hf"
-    if isinstance(module, nn.Conv1d):
-        return "conv1d"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, nn.Conv3d):
-        return "conv3d"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    return None
+    kind = kind_of(module)
+    return kind.name if kind else None
 
 
 def layers_of(model: nn.Module) -> dict[str, Layer]:
     out: dict[str, Layer] = {}
     for name, mod in model.named_modules():
-        kind = layer_kind(mod)
+        kind = kind_of(mod)
         if kind is None or not name:
             continue
         w = mod.weight
         has_bias = getattr(mod, "bias", None) is not None
-        if kind == "linear":
-            dims = {"in": mod.in_features, "out": mod.out_features}
-        elif kind == "conv1d_hf":
-            dims = {"in": w.shape[0], "out": w.shape[1]}
-        elif kind in ("conv1d", "conv2d", "conv3d"):
-            dims = {"in": mod.in_channels, "out": mod.out_channels, "groups": mod.groups}
-            names = {"conv1d": ("k",), "conv2d": ("kh", "kw"), "conv3d": ("kd", "kh", "kw")}[kind]
-            dims.update(zip(names, mod.kernel_size))
-        else:
-            dims = {"in": mod.num_embeddings, "out": mod.embedding_dim}
+        dims = dict(kind.dims(mod))
         dims.setdefault("groups", 1)
         dims["has_bias"] = has_bias
-        out[name] = Layer(name, kind, type(mod).__name__, f"{name}.weight", f"{name}.bias" if has_bias else None,
+        out[name] = Layer(name, kind.name, type(mod).__name__, f"{name}.weight", f"{name}.bias" if has_bias else None,
                           dims, tuple(w.shape), w.dtype)
     return out
 

@@ -12,6 +12,7 @@ from torch import fx
 
 from peftc.checkpoint import PREFIX, SHARED_PREFIX, pattern_key_for, write_checkpoint
 from peftc.errors import PeftcError
+from peftc.layer_kinds import KINDS
 from peftc.library import library
 from peftc.manifest import AdapterRecord, Manifest
 
@@ -43,7 +44,7 @@ def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str
         cfg["bias"] = "none"
     kinds = layer_kinds or {}
     if "fan_in_fan_out" in method.config_fields:
-        cfg["fan_in_fan_out"] = any(kinds.get(l) == "conv1d_hf" for l in layers)
+        cfg["fan_in_fan_out"] = any(kinds.get(l) in KINDS and KINDS[kinds[l]].transposed for l in layers)
     cfg["modules_to_save"] = sorted(rec.modules_to_save) or None
     cfg["inference_mode"] = True
     cfg["task_type"] = rec.extra_config.get("task_type")

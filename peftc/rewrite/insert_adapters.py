@@ -16,23 +16,13 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from peftc.errors import PeftcError
 from peftc.lang.evaluate import evaluate
+from peftc.layer_kinds import KINDS
 from peftc.manifest import AdapterRecord, Manifest
 from peftc.ops import TENSOR_OPS
 from peftc.plan import Plan
 from peftc.rewrite.graph_tools import BASE, TAG, GraphBuilder, get_path, has_path, normalized_args, set_path
 
 aten = torch.ops.aten
-
-# the standard op of each layer kind: (target, weight arg index, bias arg index or None); used to give a
-# bias-less layer a bias (lora_bias)
-SITE_OPS = {
-    "linear": (aten.linear.default, 1, 2),
-    "conv1d_hf": (aten.addmm.default, 2, 0),
-    "conv1d": (aten.conv1d.default, 1, 2),
-    "conv2d": (aten.conv2d.default, 1, 2),
-    "conv3d": (aten.conv3d.default, 1, 2),
-    "embedding": (aten.embedding.default, 0, None),
-}
 
 
 def param_path(layer: str, saved: str | None, adapter: str, name: str = "") -> str:
@@ -181,7 +171,8 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     anchor = min(w_users + [u for u, _ in b_reads], key=order.get)
     b = GraphBuilder(gm, anchor, layer.name, meta_from=min(w_users, key=order.get))
-    w_cur: Any = b.apply(TENSOR_OPS["t"], aten.t.default, [wnode]) if layer.kind == "conv1d_hf" else wnode
+    transposed = KINDS[layer.kind].transposed   # methods see W in nn.Linear orientation (out, in)
+    w_cur: Any = b.apply(TENSOR_OPS["t"], aten.t.default, [wnode]) if transposed else wnode
     b_cur: Any = bnode
     # Adapters compose in order, merged ones first: W'' = T2(T1(W)). Methods see the current weight as
     # W and the base weight as W0: DoRA normalises by ||W0 + s*B@A||, as peft does when several adapters
@@ -209,7 +200,7 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
             marked = b.apply(TENSOR_OPS["dropin"], TENSOR_OPS["dropin"].target, [delta, mpath])
             w_new = b.apply(TENSOR_OPS["add"], aten.add.Tensor, [w_cur, marked])
         w_cur, b_cur = w_new, b_new
-    w_out = b.apply(TENSOR_OPS["t"], aten.t.default, [w_cur]) if layer.kind == "conv1d_hf" else w_cur
+    w_out = b.apply(TENSOR_OPS["t"], aten.t.default, [w_cur]) if transposed else w_cur
     if w_out is not wnode:
         w_out.meta[BASE] = layer.weight
         for u, read in w_reads:
@@ -228,13 +219,14 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
 
 def _add_bias(layer: Any, users: list[fx.Node], bias: fx.Node) -> None:
     """Give a bias-less layer a bias (LoRA's lora_bias): only where the layer is a known op with a bias slot."""
-    target, _, bidx = SITE_OPS[layer.kind]
+    kind = KINDS[layer.kind]
+    target, bidx = kind.op, kind.bias_arg
     for u in users:
         if u.target is not target or bidx is None:
             raise PeftcError(f"cannot add a bias to layer '{layer.name}': it computes {u.target} "
                              "rather than a standard op with a bias argument")
         args = list(u.args)
-        if layer.kind in ("conv1d", "conv2d", "conv3d"):
+        if TENSOR_OPS.get(layer.kind) is not None and TENSOR_OPS[layer.kind].arity:
             args = normalized_args(u, TENSOR_OPS[layer.kind])
         while len(args) <= bidx:
             args.append(None)
