@@ -26,6 +26,7 @@ class AdapterRecord:
     extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # saved base weights, written back as is
     shared: dict[str, torch.Tensor] = field(default_factory=dict)  # saved key -> adapter-level tensor
     shared_each_layer: set[str] = field(default_factory=set)       # shared keys also written under every layer
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # config key -> {"<layer>.<suffix>": value}
 
 
 @dataclass

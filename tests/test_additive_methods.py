@@ -332,3 +332,31 @@ def test_training_note_and_refusals():
                    "{ targets q_proj }", "llama")
     from peftc.library import library
     assert "rank allocator" in library().method("adalora").training_note
+
+
+def test_pruned_adalora_checkpoint(tmp_path):
+    """A checkpoint whose rank_pattern pruned layers below init_r: per-layer ranks come from the tensors, the
+    scale keeps init_r in its denominator (as peft's ranknum), and the reloaded peft model is the oracle."""
+    base, pm, d = peft_adapter("llama", peft.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=12, total_step=10,
+                                                           target_modules=["q_proj", "v_proj"]), tmp_path)
+    names = [n.removeprefix("base_model.model.").removesuffix(".lora_A.default")
+             for n, _ in pm.named_parameters() if n.endswith("lora_A.default")]
+    masks = {f"{n}.lora_E": [i < 2 + k % 3 for i in range(6)] for k, n in enumerate(names)}
+    pm.peft_config["default"].rank_pattern = masks
+    pruned = tmp_path / "pruned"
+    pm.save_pretrained(str(pruned))
+    from safetensors.torch import load_file
+    ranks = sorted({t.shape[0] for k, t in load_file(pruned / "adapter_model.safetensors").items()
+                    if k.endswith("lora_A")})
+    assert ranks == [2, 3, 4]
+    ref = peft.PeftModel.from_pretrained(MODELS["llama"](), str(pruned)).eval()
+    x = _inputs("llama")
+    want = run_logits(ref, x)
+    assert max_diff(want, run_logits(base, x)) > CHANGED
+    for merge in (False, True):
+        gm = compile_on(f'adapter default: import "{pruned}"', "llama", merge=merge)
+        assert max_diff(run_logits(gm, x), want) <= TOL
+    gm = compile_on(f'adapter default: import "{pruned}"', "llama")
+    peftc.save_adapter(gm, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(MODELS["llama"](), str(tmp_path / "again")).eval()
+    assert max_diff(run_logits(again, x), want) <= TOL

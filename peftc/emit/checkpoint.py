@@ -39,6 +39,8 @@ def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str
         if decl.pattern_key:
             cfg[decl.pattern_key] = {pattern_key_for(l): rec.layer_options[l][decl.name] for l in layers
                                      if rec.layer_options.get(l, {}).get(decl.name, value) != value}
+    for key, entries in rec.records.items():   # per-layer entries a method records (AdaLoRA's rank_pattern)
+        cfg[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(entries.items())}
     cfg["target_modules"] = layers
     if "bias" in method.config_fields:
         cfg["bias"] = "none"

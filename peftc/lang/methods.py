@@ -113,6 +113,7 @@ class SiteProgram:
     mergeable: bool
     steps: list[tuple[str, Any]] = field(default_factory=list)  # lets, consts and params in declaration order
     consts: list[tuple[str, Expr]] = field(default_factory=list)  # plan-time constant tensors (buffers)
+    records: dict[tuple[str, str], Any] = field(default_factory=dict)  # (config key, key suffix) -> value
     shared: list[str] = field(default_factory=list)               # adapter-level tensors this layer reads
 
 
@@ -181,6 +182,9 @@ def _stmts(block: Tree, file: str) -> list[Stmt]:
         k = st.data
         if k in ("let", "const"):
             out.append(Stmt(k, (str(ch[0]), to_expr(ch[1])), line))
+        elif k == "record":
+            cond = to_expr(ch[3]) if len(ch) > 3 and ch[3] is not None else None
+            out.append(Stmt("record", (_string(ch[0]), _string(ch[1]), to_expr(ch[2]), cond), line))
         elif k == "let_tuple":
             out.append(Stmt("let_tuple", (tuple(str(c) for c in ch[:-1]), to_expr(ch[-1])), line))
         elif k in ("param", "shared"):
@@ -374,6 +378,10 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
             prog.params.append(decl)
             prog.steps.append(("param", decl))
             deferred.add(ps.name)
+        elif st.kind == "record":
+            key, suffix, expr, cond = st.args
+            if cond is None or evaluate(cond, env):
+                prog.records[(key, suffix)] = evaluate(expr, env)
         elif st.kind == "weight":
             prog.weight = st.args[0]
         elif st.kind == "bias":

@@ -95,6 +95,8 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
                 rec = manifest.adapters[sa.adapter]
                 rec.tensors[lname] = {}
                 rec.layer_options[lname] = dict(sa.layer_options)
+                for (key, suffix), value in sa.program.records.items():
+                    rec.records.setdefault(key, {})[f"{lname}.{suffix}"] = value
                 live = sa.active and not sa.merge
                 for decl in sa.program.params:
                     path = param_path(lname, decl.saved, sa.adapter, decl.name)
