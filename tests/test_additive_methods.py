@@ -324,9 +324,36 @@ def test_unsupported_options_are_refused(config, edit, message, tmp_path):
         compile_on(f'adapter a: import "{bad}"', "llama")
 
 
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_rank_and_module_dropout_only_while_training(method):
+    """peft's LyCORIS dropouts: rank dropout zeroes output rows of the update (rescaled by the kept mean for
+    LoHa, for LoKr with rank_dropout_scale); module dropout drops the whole update. Both only in training."""
+    torch.manual_seed(0)
+    x = _inputs("token-mlp")
+    base = run_logits(_models("token-mlp"), x)
+    spec = f'adapter a: {method}(r = 2, init = "random", rank_dropout = 0.5, rank_dropout_scale = true) ' \
+        "{ targets lin0, lin1 }" if method == "lokr" else \
+        f'adapter a: {method}(r = 2, init = "random", rank_dropout = 0.5) {{ targets lin0, lin1 }}'
+    gm = _compile(spec, "token-mlp", train=True)
+    gm.eval()
+    full = run_logits(gm, x)
+    assert torch.equal(run_logits(gm, x), full)
+    gm.train()
+    outs = [run_logits(gm, x) for _ in range(4)]
+    assert all(max_diff(o, full) > CHANGED for o in outs)   # rows dropped and rescaled: never the full update
+    gm = _compile(f'adapter a: {method}(r = 2, init = "random", module_dropout = 0.5) {{ targets lin0, lin1 }}',
+                  "token-mlp", train=True)
+    gm.eval()
+    full = run_logits(gm, x)
+    gm.train()
+    kinds = set()
+    for _ in range(24):   # each layer's update is kept or dropped whole
+        o = run_logits(gm, x)
+        kinds.add("full" if max_diff(o, full) < 1e-6 else "base" if max_diff(o, base) < 1e-6 else "mixed")
+    assert {"full", "base"} <= kinds
+
+
 def test_training_note_and_refusals():
-    with pytest.raises(peftc.PeftcError, match="rank_dropout and module_dropout are not supported when training"):
-        compile_on("adapter a: loha(r = 2, rank_dropout = 0.1) { targets q_proj }", "llama", train=True)
     with pytest.raises(peftc.PeftcError, match="inference-only layout"):
         compile_on("adapter a: vblora(r = 2, num_vectors = 8, vector_length = 8, save_only_topk_weights = true) "
                    "{ targets q_proj }", "llama")

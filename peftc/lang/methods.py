@@ -108,12 +108,13 @@ class SiteProgram:
     params: list[ParamDecl]
     weight: Expr | None
     bias: Expr | None
-    dropout: tuple[float, str] | None   # (p, submodule name stem such as "lora_dropout")
+    dropout: tuple[float, str] | None   # input dropout: (p, submodule name stem such as "lora_dropout")
     env: dict[str, Any]                 # the Python values: options, dimensions, scalar lets
     mergeable: bool
     steps: list[tuple[str, Any]] = field(default_factory=list)  # lets, consts and params in declaration order
     consts: list[tuple[str, Expr]] = field(default_factory=list)  # plan-time constant tensors (buffers)
     records: dict[tuple[str, str], Any] = field(default_factory=dict)  # (config key, key suffix) -> value
+    weight_dropouts: list[tuple[float, str, str, bool]] = field(default_factory=list)  # (p, stem, over, rescale)
     shared: list[str] = field(default_factory=list)               # adapter-level tensors this layer reads
 
 
@@ -139,6 +140,9 @@ def _const(expr: Expr, file: str) -> Any:
         raise PeftcError(f"option default must be a constant: {e}", file=file, line=expr.line) from None
 
 
+# inputs: nn.Dropout on the adapter's input; rows: each output row of the update dropped (LyCORIS rank
+# dropout); adapter: the whole update dropped (module dropout). Only in a graph compiled for training.
+DROPOUT_KINDS = ("inputs", "rows", "adapter")
 _DTYPES = ("float32", "float64", "bfloat16", "float16", "int64", "int32", "int16", "uint8", "bool")
 
 
@@ -192,7 +196,12 @@ def _stmts(block: Tree, file: str) -> list[Stmt]:
         elif k in ("weight", "bias"):
             out.append(Stmt(k, (to_expr(ch[0]),), line))
         elif k == "dropout":
-            out.append(Stmt("dropout", (to_expr(ch[0]), _string(ch[1])), line))
+            over = str(ch[2]) if len(ch) > 2 and ch[2] is not None else "inputs"
+            if over not in DROPOUT_KINDS:
+                raise PeftcError(f"dropout over '{over}'{did_you_mean(over, DROPOUT_KINDS)}: dropout is over "
+                                 f"{', '.join(DROPOUT_KINDS)}", file=file, line=line)
+            rescale = to_expr(ch[3]) if len(ch) > 3 and ch[3] is not None else None
+            out.append(Stmt("dropout", (to_expr(ch[0]), _string(ch[1]), over, rescale), line))
         elif k == "require":
             out.append(Stmt("require", (to_expr(ch[0]), _string(ch[1])), line))
         elif k == "when":
@@ -388,8 +397,11 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
             prog.bias = st.args[0]
         elif st.kind == "dropout":
             p = float(evaluate(st.args[0], env))
-            if p > 0:
-                prog.dropout = (p, st.args[1])
+            _, stem, over, rescale = st.args
+            if p > 0 and over == "inputs":
+                prog.dropout = (p, stem)
+            elif p > 0:
+                prog.weight_dropouts.append((p, stem, over, bool(evaluate(rescale, env)) if rescale else False))
         elif st.kind == "require":
             if not evaluate(st.args[0], env):
                 raise RequireFailed(f"{method.name}: {st.args[1]}", names_in(st.args[0]))

@@ -21,6 +21,7 @@ from peftc.manifest import AdapterRecord, Manifest
 from peftc.ops import TENSOR_OPS
 from peftc.plan import Plan
 from peftc.rewrite.graph_tools import BASE, TAG, GraphBuilder, get_path, has_path, normalized_args, set_path
+from peftc.stochastic import weight_dropout
 
 aten = torch.ops.aten
 
@@ -114,6 +115,11 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
                     mpath = f"{lname}.{stem}.{sa.adapter}"
                     set_path(gm, mpath, nn.Dropout(p_drop))
                     manifest.registered.add(mpath)
+                if sa.active and not sa.merge and plan.train:
+                    for p_drop, stem, over, rescale in sa.program.weight_dropouts:
+                        mpath = f"{lname}.{stem}.{sa.adapter}"
+                        set_path(gm, mpath, weight_dropout(over, p_drop, rescale))
+                        manifest.registered.add(mpath)
             modified |= _rewrite_layer(gm, layer, [sa for sa in sas if sa.active], paths, plan.train)
         for name, ap in plan.adapters.items():
             rec = manifest.adapters[name]
@@ -196,11 +202,14 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
                 env[name] = evaluate(expr, env, b)
         w_new = evaluate(prog.weight, env, b) if prog.weight is not None else w_cur
         b_new = evaluate(prog.bias, env, b) if prog.bias is not None else b_cur
-        if train and prog.dropout and not sa.merge and w_new is not w_cur:
-            mpath = f"{layer.name}.{prog.dropout[1]}.{sa.adapter}"
+        if train and (prog.dropout or prog.weight_dropouts) and not sa.merge and w_new is not w_cur:
             delta = b.apply(TENSOR_OPS["sub"], aten.sub.Tensor, [w_new, w_cur])
-            marked = b.apply(TENSOR_OPS["dropin"], TENSOR_OPS["dropin"].target, [delta, mpath])
-            w_new = b.apply(TENSOR_OPS["add"], aten.add.Tensor, [w_cur, marked])
+            for _, stem, _, _ in prog.weight_dropouts:   # rank / module dropout on the update itself
+                delta = b.apply(TENSOR_OPS["dropout"], None, [delta, f"{layer.name}.{stem}.{sa.adapter}"])
+            if prog.dropout:   # input dropout: marked here, moved onto the input by the rule `input_dropout`
+                mpath = f"{layer.name}.{prog.dropout[1]}.{sa.adapter}"
+                delta = b.apply(TENSOR_OPS["dropin"], TENSOR_OPS["dropin"].target, [delta, mpath])
+            w_new = b.apply(TENSOR_OPS["add"], aten.add.Tensor, [w_cur, delta])
         w_cur, b_cur = w_new, b_new
     w_out = b.apply(TENSOR_OPS["t"], aten.t.default, [w_cur]) if transposed else w_cur
     if w_out is not wnode:
