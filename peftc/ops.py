@@ -131,6 +131,45 @@ def sparse_linear(x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, col
     return torch.index_add(out, -1, rows.long(), contrib)
 
 
+def _wavelet_filters(family: str) -> tuple[list[float], list[float]]:
+    """Reconstruction low- and high-pass filters of a wavelet family, from PyWavelets."""
+    try:
+        import pywt
+    except ImportError:
+        raise ValueError("wavelet transforms need PyWavelets (pip install PyWavelets)") from None
+    try:
+        w = pywt.Wavelet(family)
+    except ValueError:
+        raise ValueError(f"unknown wavelet family {family!r}") from None
+    return list(w.rec_lo), list(w.rec_hi)
+
+
+def wavelet_pad(family: str) -> int:
+    """How many rows (and columns) a one-level reconstruction loses at the borders: filter length - 2."""
+    return len(_wavelet_filters(family)[0]) - 2
+
+
+def idwt2(grid: torch.Tensor, family: str) -> torch.Tensor:
+    """One-level inverse 2-d discrete wavelet transform of a coefficient grid laid out in quadrants
+    [[approximation, horizontal], [vertical, diagonal]] (even sizes): a stride-2 transposed convolution with
+    the outer products of the reconstruction filters, trimmed by (2L - 3) // 2 at each border (L: filter length)."""
+    lo_l, hi_l = _wavelet_filters(family)
+    lo = torch.tensor(lo_l, dtype=grid.dtype, device=grid.device)
+    hi = torch.tensor(hi_l, dtype=grid.dtype, device=grid.device)
+    filt = torch.stack([lo[:, None] * lo[None, :], hi[:, None] * lo[None, :], lo[:, None] * hi[None, :],
+                        hi[:, None] * hi[None, :]])[:, None]
+    h2, w2 = grid.shape[0] // 2, grid.shape[1] // 2
+    quads = torch.stack([grid[:h2, :w2], grid[:h2, w2:], grid[h2:, :w2], grid[h2:, w2:]])[None]
+    out = torch.nn.functional.conv_transpose2d(quads, filt, stride=2)[0, 0]
+    p = (2 * len(lo_l) - 3) // 2
+    return out[p: out.shape[0] - p, p: out.shape[1] - p] if p > 0 else out
+
+
+def pad2(v: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """A matrix with zero rows/columns added around it."""
+    return torch.nn.functional.pad(v, (int(left), int(right), int(top), int(bottom)))
+
+
 def topk_values(v: torch.Tensor, k: int) -> torch.Tensor:
     """The k largest values along the last dim, largest first."""
     return torch.topk(v, int(k), dim=-1).values
@@ -301,6 +340,8 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("kron_linear", kron_linear),
     Op("block_circulant", block_circulant),
     Op("sparse_linear", sparse_linear),
+    Op("idwt2", idwt2),
+    Op("pad2", pad2),
     Op("eye", eye),
     Op("zeros_like", aten.zeros_like.default),
     Op("scatter2d", scatter2d),
@@ -352,7 +393,9 @@ SCALAR_FUNCS: dict[str, Callable[..., Any]] = {
     "len": len,
     "select": lambda seq, dim, i: seq[i],
     "slice": lambda seq, dim, start=None, end=None, step=1: seq[start:end:step],
+    "round": round,
     "divisor_pair": None,   # filled below
+    "wavelet_pad": wavelet_pad,
 }
 
 def divisor_pair(n: int, limit: int = -1) -> tuple[int, int]:
@@ -375,6 +418,7 @@ def divisor_pair(n: int, limit: int = -1) -> tuple[int, int]:
 
 
 SCALAR_FUNCS["divisor_pair"] = divisor_pair
+SCALAR_FUNCS["wavelet_pad"] = wavelet_pad
 
 INITS: dict[str, Callable[..., Init]] = {k: _init(k) for k in ("zeros", "ones", "fill", "normal", "uniform",
                                                                  "kaiming_uniform", "xavier_uniform")}

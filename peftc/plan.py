@@ -297,10 +297,12 @@ def _checkpoint_loader(ckpt: CheckpointTensors | None, prefix: str, dtype: torch
 
 
 def aggregate_dims(layers: list[Layer]) -> dict[str, int]:
-    """Dims over all of an adapter's layers, for tensors they share: the largest `in` and `out`."""
+    """Dims over all of an adapter's layers: the largest `in` and `out` (for the tensors they share), the sum
+    of in * out and the number of layers (to split a parameter budget in proportion)."""
     if not layers:
         return {}
-    return {"max_in": max(int(l.dims["in"]) for l in layers), "max_out": max(int(l.dims["out"]) for l in layers)}
+    return {"max_in": max(int(l.dims["in"]) for l in layers), "max_out": max(int(l.dims["out"]) for l in layers),
+            "total_in_out": sum(int(l.dims["in"]) * int(l.dims["out"]) for l in layers), "n_layers": len(layers)}
 
 
 def _shared_tensors(method: MethodDef, options: dict[str, Any], layers: list[Layer], agg: dict[str, int],

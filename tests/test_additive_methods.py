@@ -107,6 +107,21 @@ CASES = [
     Case("gpt2-fourierft", "gpt2", lambda: peft.FourierFTConfig(n_frequency=25, scaling=10.0, random_loc_seed=3,
                                                                 target_modules=["c_attn", "c_fc"],
                                                                 fan_in_fan_out=True)),
+    # ---- WaveFT (seeded positions; wavelet families; without the IDWT; proportional budgets)
+    Case("llama-waveft", "llama", lambda: peft.WaveFTConfig(n_frequency=40, scaling=5.0, target_modules=LLAMA_QV,
+                                                            n_frequency_pattern={"v_proj": 17}, init_weights=False),
+         'waveft(n_frequency = 30, wavelet_family = "db2", init = "random") { targets q_proj, down_proj }'),
+    Case("llama-waveft-sym4", "llama", lambda: peft.WaveFTConfig(n_frequency=30, wavelet_family="sym4",
+                                                                 target_modules=["q_proj", "up_proj"],
+                                                                 init_weights=False)),
+    Case("llama-waveft-coif2", "llama", lambda: peft.WaveFTConfig(n_frequency=30, wavelet_family="coif2",
+                                                                  random_loc_seed=9, target_modules=["o_proj"],
+                                                                  init_weights=False)),
+    Case("llama-waveft-noidwt", "llama", lambda: peft.WaveFTConfig(n_frequency=30, use_idwt=False,
+                                                                   target_modules=LLAMA_QV, init_weights=False)),
+    Case("gpt2-waveft-proportional", "gpt2", lambda: peft.WaveFTConfig(n_frequency=20, proportional_parameters=True,
+                                                                       target_modules=["c_attn", "c_fc"],
+                                                                       fan_in_fan_out=True, init_weights=False)),
     # ---- C3A (fp32 block-circulant)
     Case("llama-c3a", "llama", lambda: peft.C3AConfig(block_size=16, target_modules=LLAMA_QV,
                                                       block_size_pattern={"down_proj": 32}),
@@ -237,6 +252,7 @@ ONNX_METHODS = {
     "shira": 'shira(r = 2, init = "random")',
     "vblora": "vblora(r = 2, num_vectors = 8, vector_length = 8, init_logits_std = 1)",
     "randlora": "randlora(r = 4, randlora_alpha = 8)",
+    "waveft": 'waveft(n_frequency = 20, wavelet_family = "db3", init = "random")',
 }
 
 
