@@ -5,6 +5,7 @@ from functools import cache
 from typing import Any
 
 from peftc.errors import PeftcError, did_you_mean
+from peftc.lang.check import check_library
 from peftc.lang.methods import MethodDef, load_methods
 from peftc.lang.rules import Rule, build_rule, ordered
 from peftc.resources import data_dir
@@ -39,4 +40,6 @@ class Library:
 @cache
 def library() -> Library:
     methods, rule_trees = load_methods(list(data_dir("passes").glob("*.peft")))
-    return Library(methods, [build_rule(t, f, i) for i, (t, f) in enumerate(rule_trees)])
+    rules = [build_rule(t, f, i) for i, (t, f) in enumerate(rule_trees)]
+    check_library(methods.values(), rules)
+    return Library(methods, rules)

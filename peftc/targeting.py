@@ -35,6 +35,14 @@ class Layer:
     dtype: torch.dtype = torch.float32
 
 
+KERNEL_DIMS = {"conv1d": ("k",), "conv2d": ("kh", "kw"), "conv3d": ("kd", "kh", "kw")}
+# layer kind -> the dimension names a method sees there (checked when the method library loads)
+KIND_DIMS: dict[str, tuple[str, ...]] = {
+    kind: ("in", "out", "groups", "has_bias", *KERNEL_DIMS.get(kind, ()))
+    for kind in ("linear", "conv1d_hf", "conv1d", "conv2d", "conv3d", "embedding")
+}
+
+
 def layer_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
@@ -65,8 +73,7 @@ def layers_of(model: nn.Module) -> dict[str, Layer]:
             dims = {"in": w.shape[0], "out": w.shape[1]}
         elif kind in ("conv1d", "conv2d", "conv3d"):
             dims = {"in": mod.in_channels, "out": mod.out_channels, "groups": mod.groups}
-            names = {"conv1d": ("k",), "conv2d": ("kh", "kw"), "conv3d": ("kd", "kh", "kw")}[kind]
-            dims.update(zip(names, mod.kernel_size))
+            dims.update(zip(KERNEL_DIMS[kind], mod.kernel_size))
         else:
             dims = {"in": mod.num_embeddings, "out": mod.embedding_dim}
         dims.setdefault("groups", 1)

@@ -18,7 +18,7 @@ from lark.exceptions import LarkError, UnexpectedInput
 
 from peftc.errors import PeftcError
 from peftc.lang.evaluate import EvalError, evaluate
-from peftc.lang.expr import Expr, names_in, to_expr
+from peftc.lang.expr import Expr, Name, names_in, to_expr
 from peftc.resources import grammar_text
 
 OPTION_TYPES = ("int", "float", "bool", "str", "targets")
@@ -221,6 +221,7 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
     """Walk `method`'s body for one layer. Raises PeftcError for a failed `require`."""
     env: dict[str, Any] = {**dims, **options}
     prog = SiteProgram([], [], None, None, None, env, True)
+    later = {"W", "W0", "b"} | _declared(method.body)   # names bound only when the layer's tensors exist
 
     def walk(stmts: list[Stmt]) -> None:
         for st in stmts:
@@ -236,8 +237,10 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
             prog.steps.append(("let", (name, expr)))
             try:
                 env[name] = evaluate(expr, env)
-            except EvalError:
-                pass  # needs tensors: evaluated at emission time
+            except EvalError as e:
+                # needs tensors (W, a param, a let that does): evaluated at emission time; anything else is an error
+                if not (isinstance(e.expr, Name) and e.expr.id in later):
+                    raise
         elif st.kind == "param":
             name, shape, init, saved = st.args
             dims_ = tuple(int(evaluate(d, env)) for d in shape)
@@ -268,12 +271,26 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
     return prog
 
 
+def _declared(stmts: list[Stmt]) -> set[str]:
+    """Every name some statement of a body binds (its first argument, when that is a name)."""
+    out: set[str] = set()
+    for st in stmts:
+        if st.args and isinstance(st.args[0], str) and st.args[0].isidentifier():
+            out.add(st.args[0])
+        for a in st.args:
+            if isinstance(a, list) and all(isinstance(x, Stmt) for x in a):
+                out |= _declared(a)
+    return out
+
+
 def load_methods(paths: list[Path]) -> tuple[dict[str, MethodDef], list[tuple[Tree, str]]]:
     methods: dict[str, MethodDef] = {}
     rules: list[tuple[Tree, str]] = []
     for p in sorted(paths):
         ms, rs = parse_library_file(p.read_text(), str(p))
         for m in ms:
+            if m.name in methods:
+                raise PeftcError(f"method '{m.name}' is declared twice (also in {methods[m.name].file})", file=str(p))
             methods[m.name] = m
         rules.extend((r, str(p)) for r in rs)
     return methods, rules
