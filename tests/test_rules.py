@@ -40,6 +40,9 @@ EXPECTED = {
     "ia3-out": ("llama", 'ia3() { targets k_proj }', {"row_scale"}),
     "ia3-conv": ("convnet", 'ia3() { targets conv1, conv2\n feedforward conv2 }',
                  {"conv_scale", "conv_in_scale", "conv_bias"}),
+    "ia3-conv1d_hf": ("gpt2", 'ia3() { targets c_attn, mlp.c_proj\n feedforward mlp.c_proj }',
+                      {"conv1d_as_linear", "row_scale", "column_scale"}),
+    "dora-conv1d_hf": ("gpt2", 'dora(r = 2) { targets c_attn }', {"conv1d_as_linear", "low_rank", "scale_outputs"}),
     "dora-linear": ("llama", 'dora(r = 2) { targets q_proj }', {"split_sum", "low_rank", "scale_outputs"}),
     "dora-conv2d": ("convnet", 'dora(r = 2) { targets conv1 }', {"conv_split_sum", "conv_low_rank", "conv_scale"}),
     "dora-embedding": ("token-mlp", 'dora(r = 2) { targets emb }', {"embed_split_sum", "embed_low_rank",
@@ -47,10 +50,20 @@ EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("case", list(EXPECTED))
+# training graphs keep adapter dropout: its rules must fire too
+TRAIN = {
+    "lora-linear-dropout": ("llama", 'lora(r = 2, dropout = 0.1) { targets q_proj }', {"input_dropout", "low_rank"}),
+    "lora-conv-dropout": ("convnet", 'lora(r = 2, dropout = 0.1) { targets conv1 }', {"conv_dropout",
+                                                                                      "conv_low_rank"}),
+    "dora-linear-dropout": ("llama", 'dora(r = 2, dropout = 0.1) { targets q_proj }', {"input_dropout",
+                                                                                       "scale_outputs"}),
+}
+
+
+@pytest.mark.parametrize("case", [*EXPECTED, *TRAIN])
 def test_expected_rules_fire_and_nothing_stays_dense(case):
-    model_name, source, expected = EXPECTED[case]
-    c = _compile(f"adapter a: {source}\n", model_name)
+    model_name, source, expected = EXPECTED.get(case) or TRAIN[case]
+    c = _compile(f"adapter a: {source}\n", model_name, train=case in TRAIN)
     assert expected <= set(c.rule_hits), (expected - set(c.rule_hits), c.rule_hits)
     assert sum(c.rule_hits.values()) == len(c.rule_log)
     assert c.dense_layers == []
