@@ -10,7 +10,6 @@ new, more specific rule is never shadowed by a generic one declared before it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 from lark import Tree
 
@@ -61,18 +60,12 @@ def classes_in(e: Expr) -> set[str]:
     return out
 
 
-def specialize(e: Expr, members: tuple[tuple[str, str], ...]) -> Expr:
-    """`e` with each op class call replaced by the member op the match bound (members: (class, op) pairs)."""
-    return _specialize(e, members)
-
-
-@cache
-def _specialize(e: Expr, members: tuple[tuple[str, str], ...]) -> Expr:
+def specialize(e: Expr, members: dict[str, str]) -> Expr:
+    """`e` with each op class call replaced by the member op the match bound (members: class -> op)."""
     if not isinstance(e, Call):
         return e
-    chosen = dict(members)
-    return Call(chosen.get(e.fn, e.fn), tuple(_specialize(a, members) for a in e.args),
-                tuple((k, _specialize(v, members)) for k, v in e.kwargs), line=e.line, column=e.column)
+    return Call(members.get(e.fn, e.fn), tuple(specialize(a, members) for a in e.args),
+                tuple((k, specialize(v, members)) for k, v in e.kwargs), line=e.line, column=e.column)
 
 
 def build_rule(tree: Tree, file: str, index: int = 0) -> Rule:

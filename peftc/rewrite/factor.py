@@ -24,6 +24,7 @@ MAX_ROUNDS = 64
 def factor(rules: list[Rule], log: list[str] | None = None, hits: Counter | None = None) -> Any:
     def run(gm: fx.GraphModule) -> PassResult:
         preds = guards(gm)
+        specialized: dict[tuple[str, tuple], Any] = {}   # (rule, matched members of its op classes) -> RHS
         modified = False
         for _ in range(MAX_ROUNDS):
             changed = False
@@ -40,7 +41,11 @@ def factor(rules: list[Rule], log: list[str] | None = None, hits: Counter | None
                     adapters = node.meta.get(ADAPTER) or adapters_of(node.all_input_nodes)
                     builder = GraphBuilder(gm, node, site, meta_from=node, adapters=adapters, rule=rule.name)
                     members = tuple((c, binding[class_key(c)]) for c in OP_CLASSES if class_key(c) in binding)
-                    rhs = specialize(rule.rhs, members) if members else rule.rhs
+                    rhs = rule.rhs
+                    if members:
+                        if (rule.name, members) not in specialized:
+                            specialized[(rule.name, members)] = specialize(rule.rhs, dict(members))
+                        rhs = specialized[(rule.name, members)]
                     new = evaluate(rhs, binding, builder, preds)
                     node.replace_all_uses_with(new)
                     if log is not None:
