@@ -5,15 +5,16 @@ from functools import cache
 from typing import Any
 
 from peftc.errors import PeftcError, did_you_mean
+from peftc.lang.check import check_library
 from peftc.lang.methods import MethodDef, load_methods
-from peftc.lang.rules import Rule, build_rule
+from peftc.lang.rules import Rule, build_rule, ordered
 from peftc.resources import data_dir
 
 
 class Library:
     def __init__(self, methods: dict[str, MethodDef], rules: list[Rule]) -> None:
         self.methods = methods
-        self.rules = rules
+        self.rules = ordered(rules)   # in the order the factor pass tries them
 
     def method(self, name: str) -> MethodDef:
         if name not in self.methods:
@@ -39,4 +40,6 @@ class Library:
 @cache
 def library() -> Library:
     methods, rule_trees = load_methods(list(data_dir("passes").glob("*.peft")))
-    return Library(methods, [build_rule(t, f) for t, f in rule_trees])
+    rules = [build_rule(t, f, i) for i, (t, f) in enumerate(rule_trees)]
+    check_library(methods.values(), rules)
+    return Library(methods, rules)

@@ -8,6 +8,7 @@ merged transform into a constant, so the factoring rules only ever see live adap
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from peftc.plan import Plan, build_plan
 from peftc.progress import step
 from peftc.rewrite.eliminate_common_subexpressions import eliminate_common_subexpressions
 from peftc.rewrite.eliminate_dead_code import eliminate_dead_code
+from peftc.rewrite.explain import dense_layers, describe
 from peftc.rewrite.factor import factor
 from peftc.rewrite.fold_frozen import fold_frozen
 from peftc.rewrite.fuse_shared_input import fuse_shared_input
@@ -40,7 +42,8 @@ class Compiled:
     plan: Plan
     model: LoadedModel
     timings: dict[str, float] = field(default_factory=dict)
-    rule_log: list[str] = field(default_factory=list)
+    rule_log: list[str] = field(default_factory=list)      # "rule @ layer", in the order the rules fired
+    rule_hits: Counter = field(default_factory=Counter)     # rule name -> times it fired
     dense_layers: list[str] = field(default_factory=list)   # live adapters no rule could factor
 
 
@@ -69,10 +72,11 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         gm = trace(loaded.module, loaded.inputs)
     manifest = Manifest(base_model_name_or_path=getattr(loaded.config, "_name_or_path", None) or None)
     rule_log: list[str] = []
+    rule_hits: Counter = Counter()
     passes = {
         "insert": insert_adapters(plan, manifest),
         "fold": fold_frozen(manifest),
-        "factor": factor(library().rules, rule_log),
+        "factor": factor(library().rules, rule_log, rule_hits),
         "cse": eliminate_common_subexpressions(),
         "fuse": fuse_shared_input(manifest),
         "dce": eliminate_dead_code(manifest),
@@ -81,34 +85,13 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         with step(f"Pass {name}"):
             gm = passes[name](gm).graph_module
         if dump_after == name:
-            dump(f"# graph after pass '{name}'\n{gm.graph}")
-    dense = _dense_layers(gm)
+            dump(f"# graph after pass '{name}'\n{describe(gm)}")
+    dense = dense_layers(gm, {n: layer.shape for n, layer in plan.layers.items()}, manifest.live)
     gm.peftc = manifest
     gm.peftc_inputs = dict(loaded.inputs)
     gm.peftc_layer_kinds = {name: layer.kind for name, layer in plan.layers.items()}
     gm.train(train)
-    return Compiled(gm, plan, loaded, rule_log=rule_log, dense_layers=dense)
-
-
-_WEIGHT_READERS = {torch.ops.aten.linear.default: 1, torch.ops.aten.addmm.default: 2, torch.ops.aten.mm.default: 1,
-                   torch.ops.aten.matmul.default: 1, torch.ops.aten.conv1d.default: 1,
-                   torch.ops.aten.conv2d.default: 1, torch.ops.aten.conv3d.default: 1,
-                   torch.ops.aten.embedding.default: 0}
-
-
-def _dense_layers(gm: fx.GraphModule) -> list[str]:
-    """Layers whose op still reads a computed weight after factoring (correct, but W' is built per forward)."""
-    from peftc.rewrite.graph_tools import TAG
-    out = []
-    for n in gm.graph.nodes:
-        idx = _WEIGHT_READERS.get(n.target) if n.op == "call_function" else None
-        if idx is None or len(n.args) <= idx:
-            continue
-        w = n.args[idx]
-        computed = isinstance(w, fx.Node) and w.op == "call_function" and TAG in w.meta
-        if computed and w.target is not torch.ops.aten.cat.default:
-            out.append(w.meta[TAG])
-    return sorted(set(out))
+    return Compiled(gm, plan, loaded, rule_log=rule_log, rule_hits=rule_hits, dense_layers=dense)
 
 
 def compile(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,

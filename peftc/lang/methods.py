@@ -23,6 +23,9 @@ from peftc.lang.expr import Const, Expr, names_in, to_expr
 from peftc.resources import grammar_text
 
 OPTION_TYPES = ("int", "float", "bool", "str", "targets")
+# names a method sees besides its options and the layer's dims: over all of the adapter's layers (max_in,
+# max_out, the sum of in * out, their number), and whether it is compiled for training / from a checkpoint
+ADAPTER_DIMS = ("max_in", "max_out", "total_in_out", "n_layers", "training", "loading")
 
 
 class RequireFailed(PeftcError):
@@ -476,6 +479,8 @@ def load_methods(paths: list[Path]) -> tuple[dict[str, MethodDef], list[tuple[Tr
     for p in sorted(paths):
         ms, rs = parse_library_file(p.read_text(), str(p))
         for m in ms:
+            if m.name in methods:
+                raise PeftcError(f"method '{m.name}' is declared twice (also in {methods[m.name].file})", file=str(p))
             methods[m.name] = m
         rules.extend((r, str(p)) for r in rs)
     return methods, rules

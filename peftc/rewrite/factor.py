@@ -1,26 +1,30 @@
 """Pass `factor`: apply the algebraic rules of passes/*.peft to inserted (live) weight transforms, so
 the unmerged graph computes e.g. linear(x, W) + s * linear(linear(x, A), B) instead of materialising
 W + s * B @ A on every forward. Only nodes peftc inserted, or that read a node peftc inserted, are
-rewritten; the first matching rule wins; the pass repeats until no rule matches."""
+rewritten; rules are tried in the library's order (priority, then specificity: see peftc.lang.rules) and
+the first that matches wins; the pass repeats until no rule matches. Every node a rule creates records
+the rule and its adapters (graph_tools.RULE / ADAPTER); `hits` counts how often each rule fired."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from peftc.lang.evaluate import evaluate
-from peftc.lang.rules import Rule
-from peftc.rewrite.graph_tools import TAG, GraphBuilder
+from peftc.lang.rules import OP_CLASSES, Rule, class_key, specialize
+from peftc.rewrite.graph_tools import ADAPTER, TAG, GraphBuilder, adapters_of
 from peftc.rewrite.guards import guards
 from peftc.rewrite.match import match
 
 MAX_ROUNDS = 64
 
 
-def factor(rules: list[Rule], log: list[str] | None = None) -> Any:
+def factor(rules: list[Rule], log: list[str] | None = None, hits: Counter | None = None) -> Any:
     def run(gm: fx.GraphModule) -> PassResult:
         preds = guards(gm)
+        specialized: dict[tuple[str, tuple], Any] = {}   # (rule, matched members of its op classes) -> RHS
         modified = False
         for _ in range(MAX_ROUNDS):
             changed = False
@@ -34,11 +38,20 @@ def factor(rules: list[Rule], log: list[str] | None = None) -> Any:
                     binding = _first(rule, node, preds)
                     if binding is None:
                         continue
-                    builder = GraphBuilder(gm, node, site, meta_from=node)
-                    new = evaluate(rule.rhs, binding, builder, preds)
+                    adapters = node.meta.get(ADAPTER) or adapters_of(node.all_input_nodes)
+                    builder = GraphBuilder(gm, node, site, meta_from=node, adapters=adapters, rule=rule.name)
+                    members = tuple((c, binding[class_key(c)]) for c in OP_CLASSES if class_key(c) in binding)
+                    rhs = rule.rhs
+                    if members:
+                        if (rule.name, members) not in specialized:
+                            specialized[(rule.name, members)] = specialize(rule.rhs, dict(members))
+                        rhs = specialized[(rule.name, members)]
+                    new = evaluate(rhs, binding, builder, preds)
                     node.replace_all_uses_with(new)
                     if log is not None:
                         log.append(f"{rule.name} @ {site}")
+                    if hits is not None:
+                        hits[rule.name] += 1
                     changed = True
                     break
             if not changed:

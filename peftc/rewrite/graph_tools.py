@@ -12,6 +12,8 @@ from peftc.ops import TARGET_TO_OP, Op
 
 TAG = "peftc"          # node.meta[TAG] = layer FQN, on every node peftc inserted
 BASE = "peftc_base"    # node.meta[BASE] = FQN of the base parameter a weight/bias expression replaces
+ADAPTER = "peftc_adapter"  # node.meta[ADAPTER] = names of the adapters a node computes (a tuple)
+RULE = "peftc_rule"        # node.meta[RULE] = name of the factoring rule that created a node
 
 
 def get_path(root: nn.Module, path: str) -> Any:
@@ -72,16 +74,29 @@ def _all_static(vals: list[Any]) -> bool:
 
 
 class GraphBuilder:
-    """Evaluation backend that emits each tensor op as a node before `anchor`, tagged with `site`."""
+    """Evaluation backend that emits each tensor op as a node before `anchor`, tagged with `site`.
 
-    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, site: str, meta_from: fx.Node | None = None) -> None:
+    Provenance: without a `rule`, every node is marked as computing `adapters`; with a `rule` (the factor
+    pass), a node is marked with the rule and with the adapters its inputs compute (or `adapters` when
+    none of them is an adapter's)."""
+
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node, site: str, meta_from: fx.Node | None = None,
+                 adapters: tuple[str, ...] = (), rule: str | None = None) -> None:
         self.gm = gm
         self.anchor = anchor
         self.site = site
         self.meta_from = meta_from or anchor
+        self.adapters = adapters
+        self.rule = rule
 
     def _finish(self, node: fx.Node, args: list[Any]) -> fx.Node:
         node.meta[TAG] = self.site
+        adapters = self.adapters
+        if self.rule is not None:
+            node.meta[RULE] = self.rule
+            adapters = adapters_of(node.all_input_nodes) or adapters
+        if adapters:
+            node.meta[ADAPTER] = adapters
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in self.meta_from.meta:
                 node.meta[key] = self.meta_from.meta[key]
@@ -118,7 +133,17 @@ class GraphBuilder:
         with self.gm.graph.inserting_before(self.anchor):
             node = self.gm.graph.get_attr(path)
         node.meta[TAG] = self.site
+        if self.adapters:
+            node.meta[ADAPTER] = self.adapters
         return node
+
+
+def adapters_of(nodes: list[fx.Node]) -> tuple[str, ...]:
+    """The adapters (provenance meta) of some nodes, in first-seen order."""
+    out: dict[str, None] = {}
+    for n in nodes:
+        out.update(dict.fromkeys(n.meta.get(ADAPTER, ())))
+    return tuple(out)
 
 
 def op_of(node: fx.Node) -> Op | None:

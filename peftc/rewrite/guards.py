@@ -1,4 +1,6 @@
-"""Predicates that rule `where` clauses may call. Each sees bound pattern terms (nodes or values)."""
+"""Predicates that rule `where` clauses may call, and the few functions of bound terms a rule's right side
+may call (`spatial`). Each sees bound pattern terms (nodes or values). `GUARD_NAMES` lists them for the
+library's load-time check."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -52,6 +54,18 @@ def guards(gm: fx.GraphModule) -> dict[str, Callable[..., Any]]:
             raise ValueError("cols(): the shape is not static")
         return s[-1]
 
-    return {"matrix": matrix, "cols": cols, "scalar": scalar, "column_of": column_of, "row_of": row_of,
-            "adapted": adapted, "is_none": is_none, "in_channels_of": in_channels_of, "ungrouped": ungrouped,
-            "swaps": swaps}
+    def spatial(v: Any) -> int:
+        """The number of spatial dims of a conv kernel (out, in, *spatial)."""
+        s = shape(v)
+        if s is None and isinstance(v, fx.Node) and hasattr(v.meta.get("val"), "shape"):
+            s = tuple(v.meta["val"].shape)
+        if s is None:
+            raise ValueError(f"spatial: the shape of {v} is unknown")
+        return len(s) - 2
+
+    return {"scalar": scalar, "column_of": column_of, "row_of": row_of, "adapted": adapted,
+            "is_none": is_none, "in_channels_of": in_channels_of, "ungrouped": ungrouped, "swaps": swaps,
+            "spatial": spatial, "matrix": matrix, "cols": cols}
+
+
+GUARD_NAMES: frozenset[str] = frozenset(guards(None))  # type: ignore[arg-type]  # the closures only read gm when called

@@ -20,7 +20,7 @@ from peftc.layer_kinds import KINDS
 from peftc.manifest import AdapterRecord, Manifest
 from peftc.ops import TENSOR_OPS
 from peftc.plan import Plan
-from peftc.rewrite.graph_tools import BASE, TAG, GraphBuilder, get_path, has_path, normalized_args, set_path
+from peftc.rewrite.graph_tools import ADAPTER, BASE, TAG, GraphBuilder, get_path, has_path, normalized_args, set_path
 from peftc.stochastic import weight_dropout
 
 aten = torch.ops.aten
@@ -187,6 +187,7 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
     # are active (and when it merges them), so merging never changes what the model computes.
     w_base = w_cur
     for sa in sas:
+        b.adapters = (sa.adapter,)   # provenance of every node built for this adapter
         prog = sa.program
         env: dict[str, Any] = dict(prog.env)
         tensors = [(d.name, sa.tensors[d.name]) for d in prog.params] + list(sa.consts.items())
@@ -211,6 +212,7 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
                 delta = b.apply(TENSOR_OPS["dropin"], TENSOR_OPS["dropin"].target, [delta, mpath])
             w_new = b.apply(TENSOR_OPS["add"], aten.add.Tensor, [w_cur, delta])
         w_cur, b_cur = w_new, b_new
+    b.adapters = ()
     w_out = b.apply(TENSOR_OPS["t"], aten.t.default, [w_cur]) if transposed else w_cur
     if w_out is not wnode:
         w_out.meta[BASE] = layer.weight
@@ -225,6 +227,7 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
             _add_bias(layer, w_users, b_cur)
     for u in w_users:
         u.meta[TAG] = layer.name
+        u.meta[ADAPTER] = tuple(sa.adapter for sa in sas)
     return True
 
 

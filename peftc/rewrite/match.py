@@ -1,5 +1,6 @@
 """Matching rule patterns (Exprs) against fx nodes. A pattern name binds any term; a name seen twice must
-bind the same term; commutative ops try both argument orders; `...` binds the remaining arguments."""
+bind the same term; commutative ops try both argument orders; `...` binds the remaining arguments; an op
+class (`conv`) matches any of its member ops and records which one under `class_key(cls)`."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -8,6 +9,7 @@ from typing import Any
 from torch import fx
 
 from peftc.lang.expr import Call, Const, Expr, Name, Rest
+from peftc.lang.rules import OP_CLASSES, class_key
 from peftc.ops import TENSOR_OPS
 from peftc.rewrite.graph_tools import normalized_args, op_of
 
@@ -33,9 +35,16 @@ def match(pat: Expr, v: Any, bound: dict[str, Any]) -> Iterator[dict[str, Any]]:
         return
     if not isinstance(pat, Call) or not isinstance(v, fx.Node):
         return
-    op = TENSOR_OPS.get(pat.fn)
-    if op is None or op_of(v) is not op or v.kwargs:
-        return
+    if pat.fn in OP_CLASSES:  # an op class: any member op; one class name binds one member per match
+        op = op_of(v)
+        key = class_key(pat.fn)
+        if op is None or op.name not in OP_CLASSES[pat.fn] or bound.get(key, op.name) != op.name or v.kwargs:
+            return
+        bound = {**bound, key: op.name}
+    else:
+        op = TENSOR_OPS.get(pat.fn)
+        if op is None or op_of(v) is not op or v.kwargs:
+            return
     args = normalized_args(v, op)
     pargs = list(pat.args)
     rest = bool(pargs) and isinstance(pargs[-1], Rest)
