@@ -403,3 +403,17 @@ def test_pruned_adalora_checkpoint(tmp_path):
     peftc.save_adapter(gm, tmp_path / "again")
     again = peft.PeftModel.from_pretrained(MODELS["llama"](), str(tmp_path / "again")).eval()
     assert max_diff(run_logits(again, x), want) <= TOL
+
+
+@pytest.mark.parametrize("method", sorted(ONNX_METHODS))
+def test_no_dense_rebuild_unless_declared(method):
+    """After factoring, no live layer reads a computed full-size weight, unless its method declares why."""
+    from conftest import example_inputs_for
+
+    from peftc.library import library
+    from peftc.pipeline import compile_model
+    c = compile_model(f"adapter a: {ONNX_METHODS[method]} {{ targets lin0, lin1 }}", MODELS["token-mlp"](),
+                      example_inputs=example_inputs_for("token-mlp"))
+    declared = library().method(method.split("-")[0]).dense_note
+    if not declared:
+        assert c.dense_layers == [], c.dense_layers

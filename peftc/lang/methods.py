@@ -74,6 +74,7 @@ class MethodDef:
     file: str
     training_note: str | None = None   # what `compile --train` does not do for this method (training-loop parts)
     config_fields: tuple[str, ...] = ()  # generic PEFT config keys (fan_in_fan_out, bias) its config class has
+    dense_note: str | None = None      # why its unmerged form may rebuild a full-size update every forward
 
 
 @dataclass
@@ -249,7 +250,7 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
             i += 1
         while i < len(ch) and ch[i] is None:
             i += 1
-        peft_type, fixed, kinds, mergeable, note, fields = None, {}, [], None, None, ()
+        peft_type, fixed, kinds, mergeable, note, fields, dense = None, {}, [], None, None, (), None
         for h in ch[i:-1]:
             if h is None:
                 continue
@@ -267,8 +268,10 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
                 note = _string(h.children[0])
             elif h.data == "config_fields":
                 fields = tuple(_string(c) for c in h.children)
+            elif h.data == "dense_note":
+                dense = _string(h.children[0])
         methods.append(MethodDef(name, options, peft_type, fixed, kinds, _stmts(ch[-1], file), mergeable, file,
-                                 note, fields))
+                                 note, fields, dense))
     return methods, rules
 
 
