@@ -141,6 +141,16 @@ CASES = [
                                                                        projection_prng_key=5,
                                                                        target_modules=["up_proj", "down_proj"]),
          'randlora(r = 16, save_projection = false, init = "random") { targets up_proj, down_proj }'),
+    Case("gpt2-randlora", "gpt2", lambda: peft.RandLoraConfig(r=8, randlora_alpha=16, target_modules=["c_attn", "c_fc"],
+                                                              fan_in_fan_out=True)),
+    # ---- an encoder with a classification head (SEQ_CLS saves the head too)
+    Case("bert-loha-seqcls", "bert-cls", lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["query", "value"],
+                                                                 task_type="SEQ_CLS")),
+    Case("bert-vera-head", "bert-cls", lambda: peft.VeraConfig(r=8, target_modules=["query", "key"],
+                                                               modules_to_save=["classifier"])),
+    Case("bert-lokr-patterns", "bert-cls", lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=["query", "dense"],
+                                                                   rank_pattern={"dense": 8},
+                                                                   alpha_pattern={"query": 3})),
     # ---- SHiRA (saved sparse indices)
     Case("llama-shira", "llama", lambda: peft.ShiraConfig(r=2, target_modules=LLAMA_QV, random_seed=4),
          'shira(r = 2, init = "random") { targets q_proj, down_proj }'),
