@@ -7,9 +7,12 @@ as a PEFT checkpoint, and the set of attribute paths that are live (never consta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from peftc.plan import AdapterPlan, Plan
 
 
 @dataclass
@@ -32,3 +35,24 @@ class Manifest:
     live: set[str] = field(default_factory=set)          # attribute paths of trainable adapter tensors
     registered: set[str] = field(default_factory=set)    # every attribute path peftc added
     base_model_name_or_path: str | None = None
+
+
+def adapter_record(name: str, ap: AdapterPlan) -> AdapterRecord:
+    """An adapter's record without its tensors (the insert pass adds them as graph parameters)."""
+    return AdapterRecord(name, ap.method.name, dict(ap.options), {}, {}, merged=ap.merge, active=ap.active,
+                         extra_config={k: v for k, v in ap.spec.extra_config.items() if not k.startswith("__")},
+                         extra_tensors=dict(ap.base_weights))
+
+
+def records_from_plan(plan: Plan) -> dict[str, AdapterRecord]:
+    """Every adapter's record with the plan's own tensors: what `peftc save` writes without tracing. It
+    holds what the insert pass registers, so a checkpoint saved either way is the same."""
+    records = {name: adapter_record(name, ap) for name, ap in plan.adapters.items()}
+    for lname, sas in plan.sites.items():
+        for sa in sas:
+            rec = records[sa.adapter]
+            rec.layer_options[lname] = dict(sa.layer_options)
+            rec.tensors[lname] = {decl.saved: sa.tensors[decl.name] for decl in sa.program.params}
+    for name, ap in plan.adapters.items():
+        records[name].modules_to_save = {mod: dict(params) for mod, params in ap.modules_to_save.items()}
+    return records

@@ -7,8 +7,11 @@ tensors all become PeftcErrors that point at the spec (file:line:col) or at the 
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from peftc.checkpoint import (
+    CONFIG_NAME,
     PREFIX,
     CheckpointTensors,
     adapter_from_config,
@@ -24,15 +28,24 @@ from peftc.checkpoint import (
     read_adapter_tensors,
     task_head_candidates,
 )
-from peftc.errors import PeftcError, did_you_mean
+from peftc.errors import PeftcError, PeftcWarning, did_you_mean
 from peftc.lang.evaluate import EvalError, evaluate
-from peftc.lang.methods import MethodDef, ParamDecl, RequireFailed, SiteProgram, coerce_option, instantiate
+from peftc.lang.methods import (
+    MethodDef,
+    ParamDecl,
+    RequireFailed,
+    SiteProgram,
+    coerce_option,
+    instantiate,
+    spec_repr,
+)
 from peftc.library import Library, library
 from peftc.ops import Init
 from peftc.spec.model import AdapterSpec, Span, Spec
 from peftc.targeting import (
     Layer,
     is_targeted,
+    layer_index,
     layer_kind,
     layers_of,
     option_targets_hit,
@@ -73,6 +86,7 @@ class Plan:
     adapters: dict[str, AdapterPlan]
     train: bool = False
     base_overrides: dict[str, torch.Tensor] = field(default_factory=dict)  # base param FQN -> value to use
+    warnings: list[str] = field(default_factory=list)    # allowed but probably not meant (also warnings.warn)
 
     def trainable_count(self) -> int:
         n = 0
@@ -105,6 +119,7 @@ def _resolve_path(p: str, spec: Spec) -> str:
 def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterSpec, MethodDef, dict[str, Any]]:
     """Expand an `import` and check method and options. Returns (adapter, method, coerced options)."""
     if ad.import_dir is not None and ad.method is None:
+        _check_clauses(ad, None, spec)
         _only_merge_and_exclude(ad, spec)
         directory = _resolve_path(ad.import_dir, spec)
         try:
@@ -126,6 +141,7 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
         if method is None:
             raise _err(f"unknown method '{ad.method}'{did_you_mean(ad.method, lib.methods)}; "
                        f"known methods: {', '.join(sorted(lib.methods))}", ad.option_spans.get("method"), spec)
+        _check_clauses(ad, method, spec)
         if not ad.targets:
             raise _err(f"adapter '{ad.name}' has no targets: add e.g. `targets q_proj, v_proj` "
                        "or `targets all-linear`", ad.span, spec)
@@ -145,13 +161,7 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
     for decl in method.options.values():
         if decl.type != "targets":
             options.setdefault(decl.name, decl.default)
-    for key in ad.option_targets:
-        decl = method.options.get(key)
-        if decl is None or decl.type != "targets":
-            choices = [k for k, d in method.options.items() if d.type == "targets"]
-            extra = f"; {method.name} takes target lists for: {', '.join(choices)}" if choices else ""
-            raise _err(f"unknown clause '{key}' for {method.name}{did_you_mean(key, choices)}{extra}",
-                       ad.option_spans.get(key), spec)
+    _check_clauses(ad, method, spec)
     for pp in ad.per_pattern:
         decl = method.options.get(pp.option)
         if decl is None or not decl.pattern_key:
@@ -178,6 +188,26 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
     return ad, method, options
 
 
+CLAUSES = ("targets", "exclude", "layers", "save", "weights", "merge")   # grammar/spec.lark's clause keywords
+
+
+def _check_clauses(ad: AdapterSpec, method: MethodDef | None, spec: Spec) -> None:
+    """`NAME target, ...` is a clause only when NAME is a targets-typed option of the method (ia3's
+    `feedforward`); anything else is a misspelled clause, reported where it is written (with `method` None,
+    for an imported adapter, only near misses of the clause keywords are reported here)."""
+    options = [k for k, d in method.options.items() if d.type == "targets"] if method is not None else []
+    for key in ad.option_targets:
+        if key in options:
+            continue
+        hint = did_you_mean(key, list(CLAUSES) + options, n=1)
+        if method is None and not hint:
+            continue
+        takes = f" {method.name} also takes: {', '.join(options)}." if options else ""
+        where = f" for {method.name}" if method is not None else ""
+        raise _err(f"unknown clause '{key}'{where}{hint}; clauses are {', '.join(CLAUSES)}, and "
+                   f"`OPTION at NAME = VALUE`.{takes}".rstrip("."), ad.option_spans.get(key), spec)
+
+
 def _only_merge_and_exclude(ad: AdapterSpec, spec: Spec) -> None:
     """An imported adapter takes method, options, targets and weights from its checkpoint; its block may
     only add `merge` and `exclude`."""
@@ -185,7 +215,7 @@ def _only_merge_and_exclude(ad: AdapterSpec, spec: Spec) -> None:
     if ad.targets:
         extra.append(("targets", ad.targets[0].span))
     if ad.layers is not None:
-        extra.append(("layers", ad.span))
+        extra.append(("layers", ad.option_spans.get("layers", ad.span)))
     extra += [(f"{pp.option} at ...", pp.span) for pp in ad.per_pattern]
     extra += [(k, ad.option_spans.get(k)) for k in ad.option_targets]
     if ad.modules_to_save:
@@ -197,6 +227,55 @@ def _only_merge_and_exclude(ad: AdapterSpec, spec: Spec) -> None:
         raise _err(f"adapter '{ad.name}' is imported whole from its PEFT checkpoint: its block takes only "
                    f"`merge` and `exclude`, not `{clause}` (declare it as method(options) with "
                    "`weights \"dir\"` to choose targets or options yourself)", span, spec)
+
+
+def _check_options_agree(ad: AdapterSpec, method: MethodDef, options: dict[str, Any], config: dict[str, Any],
+                         directory: str, spec: Spec) -> None:
+    """Weights loaded with `weights "dir"` were trained with the options in dir/adapter_config.json: an
+    option that differs (given in the spec, or a default) would silently compute something else."""
+    cfg_file = str(Path(directory) / CONFIG_NAME)
+    for decl in method.options.values():
+        if decl.type == "targets" or decl.name == "init" or decl.config_key not in config:
+            continue
+        try:
+            saved = coerce_option(decl, config[decl.config_key])
+        except ValueError:
+            continue
+        ours = options[decl.name]
+        if saved == ours or (isinstance(saved, float) and isinstance(ours, float) and abs(saved - ours) < 1e-12):
+            continue
+        given = decl.name in ad.options
+        what = f"{decl.name} = {spec_repr(ours)}" if given else f"{decl.name} is {spec_repr(ours)} (the default)"
+        raise _err(f"adapter '{ad.name}': {what} but its weights were saved with {decl.config_key} = "
+                   f"{json.dumps(config[decl.config_key])} ({cfg_file}); write {decl.name} = {spec_repr(saved)} "
+                   "(or drop the option to let `import` take every option from the checkpoint)",
+                   ad.option_spans.get(decl.name) if given else ad.option_spans.get("weights"), spec)
+
+
+def _ranges(nums: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out: list[str] = []
+    for n in nums:
+        if out and out[-1].split("-")[-1] == str(n - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ", ".join(out)
+
+
+def _shown(rule: Any) -> str:
+    return rule.value if rule.kind != "regex" else f"/{rule.value}/"
+
+
+def _at(msg: str, span: Span | None) -> str:
+    if span is None or not span.file:
+        return msg
+    return f"{span.file}:{span.line}:{span.column}: {msg}" if span.line else f"{span.file}: {msg}"
+
+
+def _warn(plan: Plan, msg: str) -> None:
+    plan.warnings.append(msg)
+    warnings.warn(msg, PeftcWarning, stacklevel=3)
 
 
 def _near_misses(ad: AdapterSpec, names: list[str]) -> str:
@@ -283,6 +362,14 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                            ad.span, spec)
             mts += hits
         matched = [n for n in module_names if is_targeted(ad, n, all_linear)]
+        if not matched and ad.layers is not None:
+            unfiltered = dataclasses.replace(ad, layers=None)
+            hits = [n for n in module_names if is_targeted(unfiltered, n, all_linear)]
+            if hits:
+                found = sorted({i for n in hits if (i := layer_index(n, ad.layers_pattern)) is not None})
+                have = f" (layer indices {_ranges(found)})" if found else ""
+                raise _err(f"adapter '{name}': `layers {', '.join(map(str, ad.layers))}` selects none of the "
+                           f"{len(hits)} layers its targets match{have}", ad.option_spans.get("layers"), spec)
         if not matched:
             where = ad.targets[0].span if ad.targets and ad.targets[0].span else ad.span
             desc = ", ".join(r.value if r.kind != "regex" else f"/{r.value}/" for r in ad.targets)
@@ -307,6 +394,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                     if other is not None and other.name != method.name:
                         raise _err(f"adapter '{name}' is {method.name} but {directory} holds a {other.name} adapter",
                                    ad.option_spans.get("weights"), spec)
+                    _check_options_agree(ad, method, options, cfg, directory, spec)
         gen = torch.Generator().manual_seed(seed + idx)
         pp_by_opt: dict[str, list[tuple[str, Any]]] = {}
         for pp in ad.per_pattern:
@@ -354,6 +442,11 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
             tensors = _fresh_tensors(prog, w_lin, bias, pdtype, gen, loaded)
             plan.sites.setdefault(lname, []).append(
                 SiteAdapter(name, method, prog, tensors, lopts, merge, is_active))
+        for pp in ad.per_pattern:
+            if from_cfg or any(pattern_value([(pp.rule.value, pp.value)], lname)[0] for lname in matched):
+                continue
+            _warn(plan, _at(f"adapter '{name}': `{pp.option} at {_shown(pp.rule)} = {spec_repr(pp.value)}` matches "
+                            f"none of its {len(matched)} targeted layers, so it changes nothing", pp.span))
         ap = AdapterPlan(ad, method, options, matched, merge=merge, active=is_active,
                          source="import" if from_cfg else ("weights" if ad.weights else "fresh"))
         heads = [n for n in module_names if ckpt is not None and ckpt.has_unused_under(f"{PREFIX}{n}.")

@@ -17,8 +17,7 @@ from lark import Lark, Token, Tree
 from lark.exceptions import LarkError, UnexpectedInput
 
 from peftc.errors import PeftcError
-from peftc.lang.evaluate import EvalError, evaluate
-from peftc.lang.expr import Expr, names_in, to_expr
+from peftc.lang.expr import Const, Expr, names_in, to_expr
 from peftc.resources import grammar_text
 
 OPTION_TYPES = ("int", "float", "bool", "str", "targets")
@@ -107,6 +106,9 @@ def _string(tok: Token) -> str:
 
 
 def _const(expr: Expr, file: str) -> Any:
+    if isinstance(expr, Const):  # the usual case, without importing the evaluator (and torch)
+        return expr.value
+    from peftc.lang.evaluate import EvalError, evaluate
     try:
         return evaluate(expr, {})
     except EvalError as e:
@@ -219,6 +221,7 @@ def coerce_option(decl: OptionDecl, value: Any) -> Any:
 
 def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dict[str, Any]) -> SiteProgram:
     """Walk `method`'s body for one layer. Raises PeftcError for a failed `require`."""
+    from peftc.lang.evaluate import EvalError, evaluate
     env: dict[str, Any] = {**dims, **options}
     prog = SiteProgram([], [], None, None, None, env, True)
 

@@ -16,7 +16,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from peftc.errors import PeftcError
 from peftc.lang.evaluate import evaluate
-from peftc.manifest import AdapterRecord, Manifest
+from peftc.manifest import Manifest, adapter_record
 from peftc.ops import TENSOR_OPS
 from peftc.plan import Plan
 from peftc.rewrite.graph_tools import BASE, TAG, GraphBuilder, get_path, has_path, normalized_args, set_path
@@ -80,11 +80,7 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
                     set_path(gm, name, new)
             modified = True
         for name, ap in plan.adapters.items():
-            manifest.adapters[name] = AdapterRecord(name, ap.method.name, dict(ap.options), {}, {},
-                                                    merged=ap.merge, active=ap.active,
-                                                    extra_config={k: v for k, v in ap.spec.extra_config.items()
-                                                                  if not k.startswith("__")},
-                                                    extra_tensors=dict(ap.base_weights))
+            manifest.adapters[name] = adapter_record(name, ap)
         for lname, sas in plan.sites.items():
             layer = plan.layers[lname]
             # register every adapter tensor once per layer
