@@ -32,9 +32,15 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("torch", "torch.export", "torch.onnx", "torch._dynamo", "onnxscript", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:  # peftc shows its own progress (on a terminal only); transformers' bars would reach pipes and CI logs
+
+
+def _quiet_transformers() -> None:
+    """peftc shows its own progress (on a terminal only); transformers' bars would reach pipes and CI logs.
+    Called only before a model is loaded: importing transformers takes most of a second."""
+    try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     except ImportError:
@@ -177,11 +183,13 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         from peftc.models import load_model
         from peftc.report import inspect_report
+        _quiet_transformers()
         _result(inspect_report(load_model(args.model, args.example_input).module))
         return 0
     # every other command reads a spec: parse it (lark only, no torch) before anything slow happens
     from peftc.spec.parse import read_spec
     spec = read_spec(args.spec)
+    _quiet_transformers()
     from peftc.progress import step
     if args.cmd in ("check", "save"):
         from peftc.models import load_model

@@ -245,11 +245,18 @@ def _check_options_agree(ad: AdapterSpec, method: MethodDef, options: dict[str, 
         if saved == ours or (isinstance(saved, float) and isinstance(ours, float) and abs(saved - ours) < 1e-12):
             continue
         given = decl.name in ad.options
-        what = f"{decl.name} = {spec_repr(ours)}" if given else f"{decl.name} is {spec_repr(ours)} (the default)"
+        what = f"{decl.name} = {_value(ours)}" if given else f"{decl.name} is {_value(ours)} (the default)"
         raise _err(f"adapter '{ad.name}': {what} but its weights were saved with {decl.config_key} = "
-                   f"{json.dumps(config[decl.config_key])} ({cfg_file}); write {decl.name} = {spec_repr(saved)} "
-                   "(or drop the option to let `import` take every option from the checkpoint)",
+                   f"{json.dumps(config[decl.config_key])} ({cfg_file}); write {decl.name} = {_value(saved)}, or "
+                   "declare the adapter as `import \"dir\"` to take every option from the checkpoint",
                    ad.option_spans.get(decl.name) if given else ad.option_spans.get("weights"), spec)
+
+
+def _value(v: Any) -> str:
+    """An option value as a user writes it: 16 rather than 16.0, true, "gaussian"."""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return spec_repr(v)
 
 
 def _ranges(nums: list[int]) -> str:
