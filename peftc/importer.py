@@ -25,6 +25,13 @@ class Imported:
     notes: list[str] = field(default_factory=list)    # what was left out, and why
 
 
+def _short(value: object) -> object:
+    """A long module list as its first entry and a count, for a one-line comment."""
+    if isinstance(value, list) and len(value) > 2:
+        return f"[{value[0]!r}, ... {len(value)} in all]"
+    return value
+
+
 def _clean(name: str) -> str:
     base = re.sub(r"[^A-Za-z0-9_]", "_", name) or "adapter"
     return "a_" + base if base[0].isdigit() else base
@@ -77,7 +84,8 @@ def import_spec(dirs: list[str], out: str | Path, merge: bool = False) -> Import
         name = _unique(proposed, taken)
         names.append(name)
         rel = os.path.relpath(p.resolve(), out.resolve().parent)
-        summary = {k: cfg.get(k) for k in ("r", "lora_alpha", "target_modules", "feedforward_modules") if cfg.get(k)}
+        summary = {k: _short(cfg.get(k)) for k in ("r", "lora_alpha", "target_modules", "feedforward_modules")
+                   if cfg.get(k)}
         lines.append(f"# {method.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
         body = " { merge }" if merge else ""
         lines.append(f"adapter {name}: import {json.dumps(rel)}{body}")

@@ -233,7 +233,7 @@ def _check_options_agree(ad: AdapterSpec, method: MethodDef, options: dict[str, 
                          directory: str, spec: Spec) -> None:
     """Weights loaded with `weights "dir"` were trained with the options in dir/adapter_config.json: an
     option that differs (given in the spec, or a default) would silently compute something else."""
-    cfg_file = str(Path(directory) / CONFIG_NAME)
+    cfg_file = _display_path(Path(directory) / CONFIG_NAME)
     for decl in method.options.values():
         if decl.type == "targets" or decl.name == "init" or decl.config_key not in config:
             continue
@@ -250,6 +250,14 @@ def _check_options_agree(ad: AdapterSpec, method: MethodDef, options: dict[str, 
                    f"{json.dumps(config[decl.config_key])} ({cfg_file}); write {decl.name} = {_value(saved)}, or "
                    "declare the adapter as `import \"dir\"` to take every option from the checkpoint",
                    ad.option_spans.get(decl.name) if given else ad.option_spans.get("weights"), spec)
+
+
+def _display_path(p: Path) -> str:
+    """A path as the user would write it: relative to the working folder when it is inside it."""
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(p)
 
 
 def _value(v: Any) -> str:
