@@ -151,6 +151,7 @@ def test_output_matching_rules():
     assert not output_matches(["a"], ["b"])
 
 
+@pytest.mark.slow
 def test_readme_console_examples_are_true(tmp_path):
     """Every `$ peftc ...` (and `$ cat`, `$ ls`) in the README's console blocks, run in order in a scratch
     folder with examples/: the output must be what the README shows. A `$ cat FILE` of a file that does not
