@@ -7,7 +7,10 @@
     peftc inspect MODEL
     peftc import  ADAPTER_DIR... -o SPEC
 
-Bad input prints one message (file:line:col where known) and exits 1, with no traceback.
+Bad input prints one message (file:line:col where known) and exits 1, with no traceback. It fails early:
+the output path (extension, writability) is checked first, then the spec is parsed (lark only); torch and
+the compiler are imported only after that, so `--help`, `--version`, syntax errors and `import` answer at
+once. Results go to stdout; progress, notes and warnings to stderr (-q silences progress and notes).
 """
 from __future__ import annotations
 
@@ -18,9 +21,13 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from peftc import __version__
 from peftc.errors import PeftcError
+
+if TYPE_CHECKING:
+    from peftc.plan import Plan
 
 T0 = time.perf_counter()  # as early as peftc can know: the total printed is the wall time the user waited
 PASS_NAMES = ("insert", "fold", "factor", "cse", "fuse", "dce")  # peftc.pipeline.PASSES, without importing torch
@@ -144,23 +151,23 @@ def _check_output(args: argparse.Namespace) -> None:
     check_writable(p)
 
 
-def _states(plan: object) -> str:
+def _states(plan: Plan) -> str:
     """'assistant: merged; chat: live; old: inactive' for the summary line."""
     parts = []
-    for name, ap in plan.adapters.items():  # type: ignore[attr-defined]
+    for name, ap in plan.adapters.items():
         state = "merged" if ap.merge else ("live" if ap.active else "inactive")
         parts.append(f"{name}: {state}")
     return "; ".join(parts)
 
 
-def _summary(plan: object) -> str:
-    n_layers = len(plan.sites)  # type: ignore[attr-defined]
-    n = len(plan.adapters)  # type: ignore[attr-defined]
+def _summary(plan: Plan) -> str:
+    n_layers = len(plan.sites)
+    n = len(plan.adapters)
     return f"{_plural(n, 'adapter')} on {_plural(n_layers, 'layer')} ({_states(plan)})"
 
 
-def _warnings(plan: object) -> None:
-    for w in getattr(plan, "warnings", []):
+def _warnings(plan: Plan) -> None:
+    for w in plan.warnings:
         _warn(w)
 
 
@@ -189,8 +196,10 @@ def _run(args: argparse.Namespace) -> int:
     # every other command reads a spec: parse it (lark only, no torch) before anything slow happens
     from peftc.spec.parse import read_spec
     spec = read_spec(args.spec)
-    _quiet_transformers()
     from peftc.progress import step
+    with step("Loading torch and the compiler"):
+        import peftc.pipeline  # noqa: F401 - a few seconds of imports, shown as a step of their own
+        _quiet_transformers()
     if args.cmd in ("check", "save"):
         from peftc.models import load_model
         from peftc.pipeline import base_model_name, check_spec
