@@ -161,7 +161,6 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
     for decl in method.options.values():
         if decl.type != "targets":
             options.setdefault(decl.name, decl.default)
-    _check_clauses(ad, method, spec)
     for pp in ad.per_pattern:
         decl = method.options.get(pp.option)
         if decl is None or not decl.pattern_key:
@@ -279,7 +278,9 @@ def _ranges(nums: list[int]) -> str:
 
 
 def _shown(rule: Any) -> str:
-    return rule.value if rule.kind != "regex" else f"/{rule.value}/"
+    """A per-layer key as written: a name (stored escaped, as a peft rank_pattern key) or a /regex/."""
+    plain = re.sub(r"\\(.)", r"\1", rule.value)
+    return plain if re.escape(plain) == rule.value else f"/{rule.value}/"
 
 
 def _at(msg: str, span: Span | None) -> str:
