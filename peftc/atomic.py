@@ -38,17 +38,44 @@ def check_dir_target(path: Path) -> None:
         raise PeftcError(f"cannot create output directory {path}: {e.strerror}") from None
 
 
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable(path: Path) -> None:
+    """Fail now, before any work, if `path` (a file, or a folder to create) could not be written: its nearest
+    existing folder must take a new file (tried for real, then removed; nothing is created on the way)."""
+    folder = _nearest_existing(path.parent if not path.exists() or not path.is_dir() else path)
+    if not folder.is_dir():
+        raise PeftcError(f"cannot write {path}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".peftc-probe.", dir=folder)
+    except OSError as e:
+        raise PeftcError(f"cannot write {path}: {folder} is not writable ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success it is renamed to `path`."""
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path in the target's folder (its name ending in `suffix`); on success it is renamed
+    to `path`. Failing to write is an error naming `path`, never the temporary file."""
     path = Path(path)
     check_file_target(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        raise PeftcError(f"cannot write {path}: {e.strerror}") from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        raise PeftcError(f"cannot write {path}: {e.strerror}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from peftc.atomic import atomic_write_bytes, check_dir_target
 from peftc.errors import PeftcError
 from peftc.lang.methods import MethodDef, coerce_option
 from peftc.spec.model import AdapterSpec, PerPattern, Span, TargetRule
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: `peftc import` never needs it
+    import torch
 
 PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."       # adapter-level tensors shared by all layers (VeRA's vera_A, ...)
@@ -67,6 +69,7 @@ def read_adapter_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], Pat
             reason = str(e).strip() or type(e).__name__
             raise PeftcError(f"{st}: corrupt or truncated safetensors file ({reason})") from None
     if binf.exists():
+        import torch
         try:
             sd = torch.load(str(binf), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - pickle raises many kinds
@@ -75,6 +78,48 @@ def read_adapter_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], Pat
             raise PeftcError(f"{binf}: expected a state dict")
         return sd, binf
     raise PeftcError(f"{p}: no {SAFETENSORS_NAME} or {BIN_NAME} found")
+
+
+def check_adapter_weights(path: str | Path) -> Path:
+    """Check that a checkpoint directory has a readable weights file, without loading it (and without
+    importing torch): a safetensors file must have a valid header whose tensors fit in the file."""
+    p = _adapter_dir(path)
+    st, binf = p / SAFETENSORS_NAME, p / BIN_NAME
+    if not st.exists():
+        if binf.exists():
+            return binf
+        raise PeftcError(f"{p}: no {SAFETENSORS_NAME} or {BIN_NAME} found")
+
+    def corrupt(reason: str) -> PeftcError:
+        return PeftcError(f"{st}: corrupt or truncated safetensors file ({reason})")
+
+    try:
+        size = st.stat().st_size
+        with open(st, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise corrupt("no header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise corrupt(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise PeftcError(f"{st}: cannot read: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise corrupt(f"invalid header: {e}") from None
+    if not isinstance(header, dict):
+        raise corrupt("invalid header")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise corrupt(f"tensor '{key}' has no valid data_offsets")
+        end = max(end, offsets[1])
+    if 8 + n + end > size:
+        raise corrupt(f"its tensors need {8 + n + end} bytes, the file has {size}")
+    return st
 
 
 class CheckpointTensors:

@@ -7,7 +7,10 @@
     peftc inspect MODEL
     peftc import  ADAPTER_DIR... -o SPEC
 
-Bad input prints one message (file:line:col where known) and exits 1, with no traceback.
+Bad input prints one message (file:line:col where known) and exits 1, with no traceback. It fails early:
+the output path (extension, writability) is checked first, then the spec is parsed (lark only); torch and
+the compiler are imported only after that, so `--help`, `--version`, syntax errors and `import` answer at
+once. Results go to stdout; progress, notes and warnings to stderr (-q silences progress and notes).
 """
 from __future__ import annotations
 
@@ -18,19 +21,33 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
+from peftc import __version__
 from peftc.errors import PeftcError
 
+if TYPE_CHECKING:
+    from peftc.plan import Plan
+
+T0 = time.perf_counter()  # as early as peftc can know: the total printed is the wall time the user waited
 PASS_NAMES = ("insert", "fold", "factor", "cse", "fuse", "dce")  # peftc.pipeline.PASSES, without importing torch
+OUTPUT_SUFFIX = {"compile": ".pt2", "export": ".onnx", "import": ".peft"}
+FILE_SUFFIXES = {".pt2", ".onnx", ".peft", ".safetensors", ".json", ".bin", ".pt", ".pth"}
 
 
 def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("torch", "torch.export", "torch.onnx", "torch._dynamo", "onnxscript", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:  # peftc shows its own progress (on a terminal only); transformers' bars would reach pipes and CI logs
+
+
+def _quiet_transformers() -> None:
+    """peftc shows its own progress (on a terminal only); transformers' bars would reach pipes and CI logs.
+    Called only before a model is loaded: importing transformers takes most of a second."""
+    try:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     except ImportError:
@@ -44,7 +61,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="peftc", description="Compile parameter-efficient fine-tuning adapters.")
-    ap.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress or notes (results still print)")
+    ap.add_argument("--version", action="version", version=f"peftc {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def spec_model(name: str, help_: str) -> argparse.ArgumentParser:
@@ -89,23 +107,68 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _say(quiet: bool, text: str) -> None:
+def _note(quiet: bool, text: str) -> None:
+    """Progress and notes go to stderr (silenced by -q); results go to stdout."""
     if not quiet:
         print(text, file=sys.stderr)
 
 
+def _result(text: str) -> None:
+    print(text, flush=True)
+
+
+def _warn(text: str) -> None:
+    print(f"peftc: warning: {text}", file=sys.stderr)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _check_output(args: argparse.Namespace) -> None:
-    """Refuse an unusable output path before any work is done."""
+    """Refuse an unusable output path before any work is done: the wrong extension for the command, a
+    directory where a file is wanted (or the reverse), or a location that cannot be written."""
     from pathlib import Path
+
+    from peftc.atomic import check_writable
     out = getattr(args, "output", None)
     if out is None:
         return
     p = Path(out)
+    want = OUTPUT_SUFFIX.get(args.cmd)
+    if want is not None and p.suffix.lower() != want:
+        other = [c for c, suf in OUTPUT_SUFFIX.items() if suf == p.suffix.lower()]
+        hint = f" (`peftc {other[0]}` writes {p.suffix} files)" if other else ""
+        raise PeftcError(f"output {p}: `peftc {args.cmd}` writes a {want} file; give a name ending in {want}{hint}")
     if args.cmd == "save":
+        if p.suffix.lower() in FILE_SUFFIXES:
+            raise PeftcError(f"output {p}: `peftc save` writes a PEFT checkpoint directory "
+                             "(adapter_config.json + adapter_model.safetensors); give a folder name")
         if p.exists() and not p.is_dir():
             raise PeftcError(f"output path {p} exists and is not a directory")
     elif p.is_dir():
         raise PeftcError(f"output path {p} is a directory; give a file name")
+    check_writable(p)
+
+
+def _states(plan: Plan) -> str:
+    """'assistant: merged; chat: live; old: inactive' for the summary line."""
+    parts = []
+    for name, ap in plan.adapters.items():
+        state = "merged" if ap.merge else ("live" if ap.active else "inactive")
+        parts.append(f"{name}: {state}")
+    return "; ".join(parts)
+
+
+def _summary(plan: Plan) -> str:
+    n_layers = len(plan.sites)
+    n = len(plan.adapters)
+    return f"{_plural(n, 'adapter')} on {_plural(n_layers, 'layer')} ({_states(plan)})"
+
+
+def _warnings(plan: Plan) -> None:
+    for w in plan.warnings:
+        _warn(w)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -114,66 +177,75 @@ def _run(args: argparse.Namespace) -> int:
     _check_output(args)
     if args.cmd == "import":
         from peftc.importer import import_spec
-        text = import_spec(args.adapters, args.output, merge=args.merge)
-        n = text.count("\nadapter ")
-        _say(args.quiet, f"wrote {args.output} ({n} adapter{'s' if n != 1 else ''})")
+        done = import_spec(args.adapters, args.output, merge=args.merge)
+        for note in done.notes:
+            _note(args.quiet, f"note: {note}")
+        _result(f"wrote {args.output} ({_plural(len(done.names), 'adapter')}: {', '.join(done.names)})")
         return 0
     if args.cmd == "inspect":
-        from peftc.builtin_models import BUILTINS
         if args.builtins or not args.model:
+            from peftc.builtin_models import BUILTINS
             for name, (_, desc) in BUILTINS.items():
-                print(f"{name:12s} {desc}")
+                _result(f"{name:12s} {desc}")
             return 0
         from peftc.models import load_model
         from peftc.report import inspect_report
-        print(inspect_report(load_model(args.model, args.example_input).module))
+        _quiet_transformers()
+        _result(inspect_report(load_model(args.model, args.example_input).module))
         return 0
-    if args.cmd == "check":
+    # every other command reads a spec: parse it (lark only, no torch) before anything slow happens
+    from peftc.spec.parse import read_spec
+    spec = read_spec(args.spec)
+    from peftc.progress import step
+    with step("Loading torch and the compiler"):
+        import peftc.pipeline  # noqa: F401 - a few seconds of imports, shown as a step of their own
+        _quiet_transformers()
+    if args.cmd in ("check", "save"):
         from peftc.models import load_model
-        from peftc.pipeline import load_spec
+        from peftc.pipeline import base_model_name, check_spec
         from peftc.plan import build_plan
-        from peftc.report import check_report
-        spec = load_spec(args.spec)
-        loaded = load_model(args.model, args.example_input)
-        print(check_report(build_plan(spec, loaded.module), loaded.module))
-        print("ok: no errors")
+        check_spec(spec)
+        with step("Loading model"):
+            loaded = load_model(args.model, args.example_input)
+        with step("Planning adapters"):
+            plan = build_plan(spec, loaded.module)
+        _warnings(plan)
+        if args.cmd == "check":
+            from peftc.report import check_report
+            _result(check_report(plan, loaded.module))
+            _result("ok: no errors")
+            return 0
+        from peftc.emit.checkpoint import save_plan
+        with step("Writing PEFT checkpoint"):
+            dirs = save_plan(plan, args.output, base_model_name_or_path=base_model_name(loaded))
+        _result(f"wrote {', '.join(str(d) for d in dirs)}: {_summary(plan)} (total {time.perf_counter() - T0:.1f}s)")
         return 0
     from peftc.pipeline import compile_model
     t0 = time.perf_counter()
     merge = getattr(args, "merge", False)
-    compiled = compile_model(args.spec, args.model, merge=merge, train=getattr(args, "train", False),
+    compiled = compile_model(spec, args.model, merge=merge, train=getattr(args, "train", False),
                              example_inputs=args.example_input, dump_after=getattr(args, "dump_after", None))
     t_compile = time.perf_counter() - t0
     gm = compiled.gm
-    n_layers = sum(len(ap.layers) for ap in compiled.plan.adapters.values())
-    summary = f"{len(compiled.plan.adapters)} adapter(s) on {n_layers} layer(s), {'merged' if merge else 'unmerged'}"
+    _warnings(compiled.plan)
     if compiled.dense_layers:
         dense = compiled.dense_layers
         names = ", ".join(dense[:3]) + (", ..." if len(dense) > 3 else "")
-        _say(args.quiet, f"note: no factoring rule fits {len(dense)} layer(s) ({names}): "
-                         "their adapted weight is rebuilt on every forward (correct, slower; --merge avoids it)")
+        _note(args.quiet, f"note: no factoring rule fits {len(dense)} layer(s) ({names}): "
+                          "their adapted weight is rebuilt on every forward (correct, slower; --merge avoids it)")
+    summary = _summary(compiled.plan)
     if args.cmd == "compile":
         from peftc.emit.pt2 import save_pt2
-        from peftc.progress import step
-        with step("Writing .pt2"):
-            save_pt2(gm, args.output)
-        total = time.perf_counter() - t0
-        _say(args.quiet, f"wrote {args.output}: {summary} (compile {t_compile:.1f}s, total {total:.1f}s)")
+        save_pt2(gm, args.output)
+        _result(f"wrote {args.output}: {summary} (compile {t_compile:.1f}s, total {time.perf_counter() - T0:.1f}s)")
         return 0
     if args.cmd == "export":
         from peftc.emit.onnx import export_onnx
-        from peftc.progress import step
-        with step("Exporting ONNX and checking it in onnxruntime"):
-            result = export_onnx(gm, args.output, check=not args.no_check, tol=args.tol)
-        _say(args.quiet, f"wrote {args.output}: {summary} (total {time.perf_counter() - t0:.1f}s)")
+        result = export_onnx(gm, args.output, check=not args.no_check, tol=args.tol)
+        _result(f"wrote {args.output}: {summary} (compile {t_compile:.1f}s, total {time.perf_counter() - T0:.1f}s)")
         if result is not None:
             shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result.input_shapes.items())
-            print(f"onnxruntime check: max abs diff {result.max_abs_diff:.2e} vs torch ({shapes})")
-        return 0
-    if args.cmd == "save":
-        from peftc.emit.checkpoint import save_adapter
-        dirs = save_adapter(gm, args.output)
-        _say(args.quiet, "wrote " + ", ".join(str(d) for d in dirs))
+            _result(f"onnxruntime check: max abs diff {result.max_abs_diff:.2e} vs torch ({shapes})")
         return 0
     raise AssertionError(args.cmd)
 

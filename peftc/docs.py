@@ -205,7 +205,7 @@ def render(methods: Iterable[MethodDef], rules: Iterable[Rule]) -> str:
 def render_library() -> str:
     """The catalogue of the installed library (passes/*.peft)."""
     from peftc.library import library
-    lib = library()
+    lib = library().checked()
     return render(lib.methods.values(), lib.rules)
 
 

@@ -37,6 +37,11 @@ class PeftcError(Exception):
         return text
 
 
+class PeftcWarning(UserWarning):
+    """Something in the user's input that is allowed but probably not meant (peft warns about the same).
+    The library issues it with `warnings.warn`; the CLI prints it as `peftc: warning: ...` on stderr."""
+
+
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3, aliases: dict[str, str] | None = None) -> str:
     """' (did you mean 'x'?)' for the closest choices, or ''. `aliases` maps other spellings (e.g. peft's
     config keys) to a choice."""

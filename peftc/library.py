@@ -5,7 +5,6 @@ from functools import cache
 from typing import Any
 
 from peftc.errors import PeftcError, did_you_mean
-from peftc.lang.check import check_library
 from peftc.lang.methods import MethodDef, load_methods
 from peftc.lang.rules import Rule, build_rule, ordered
 from peftc.resources import data_dir
@@ -15,6 +14,16 @@ class Library:
     def __init__(self, methods: dict[str, MethodDef], rules: list[Rule]) -> None:
         self.methods = methods
         self.rules = ordered(rules)   # in the order the factor pass tries them
+        self._checked = False
+
+    def checked(self) -> Library:
+        """The library after its load-time checks (ops, arity, bound names, guards: peftc.lang.check), run once.
+        Compiling needs them; reading declarations (`peftc import`, saving a config) does not, nor torch."""
+        if not self._checked:
+            from peftc.lang.check import check_library
+            check_library(self.methods.values(), self.rules)
+            self._checked = True
+        return self
 
     def method(self, name: str) -> MethodDef:
         if name not in self.methods:
@@ -41,5 +50,4 @@ class Library:
 def library() -> Library:
     methods, rule_trees = load_methods(list(data_dir("passes").glob("*.peft")))
     rules = [build_rule(t, f, i) for i, (t, f) in enumerate(rule_trees)]
-    check_library(methods.values(), rules)
     return Library(methods, rules)

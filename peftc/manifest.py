@@ -7,9 +7,12 @@ as a PEFT checkpoint, and the set of attribute paths that are live (never consta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from peftc.plan import AdapterPlan, Plan
 
 
 @dataclass
@@ -36,3 +39,38 @@ class Manifest:
     pinned: set[str] = field(default_factory=set)        # frozen tensors of live adapters: never constant-folded
     registered: set[str] = field(default_factory=set)    # every attribute path peftc added
     base_model_name_or_path: str | None = None
+
+
+def adapter_record(name: str, ap: AdapterPlan) -> AdapterRecord:
+    """An adapter's record without its layers' tensors (the insert pass adds them as graph parameters); its
+    shared tensors are the plan's (the insert pass replaces them by the graph's)."""
+    rec = AdapterRecord(name, ap.method.name, dict(ap.options), {}, {}, merged=ap.merge, active=ap.active,
+                        extra_config={k: v for k, v in ap.spec.extra_config.items() if not k.startswith("__")},
+                        extra_tensors=dict(ap.base_weights))
+    for decl in ap.shared_decls:
+        if decl.saved is not None:
+            rec.shared[decl.saved] = ap.shared[decl.name]
+            if decl.each_layer:
+                rec.shared_each_layer.add(decl.saved)
+    return rec
+
+
+def add_layer(rec: AdapterRecord, layer: str, sa: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """A layer's part of an adapter's record: its option values, the config entries its method records,
+    and its saved tensors (`tensors`: param name -> the tensor to save)."""
+    rec.layer_options[layer] = dict(sa.layer_options)
+    for (key, suffix), value in sa.program.records.items():
+        rec.records.setdefault(key, {})[f"{layer}.{suffix}"] = value
+    rec.tensors[layer] = {decl.saved: tensors[decl.name] for decl in sa.program.params if decl.saved is not None}
+
+
+def records_from_plan(plan: Plan) -> dict[str, AdapterRecord]:
+    """Every adapter's record with the plan's own tensors: what `peftc save` writes without tracing. It
+    holds what the insert pass registers, so a checkpoint saved either way is the same."""
+    records = {name: adapter_record(name, ap) for name, ap in plan.adapters.items()}
+    for lname, sas in plan.sites.items():
+        for sa in sas:
+            add_layer(records[sa.adapter], lname, sa, sa.tensors)
+    for name, ap in plan.adapters.items():
+        records[name].modules_to_save = {mod: dict(params) for mod, params in ap.modules_to_save.items()}
+    return records

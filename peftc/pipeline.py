@@ -17,10 +17,10 @@ import torch
 from torch import fx, nn
 
 from peftc.errors import PeftcError
-from peftc.library import library
+from peftc.library import Library, library
 from peftc.manifest import Manifest
 from peftc.models import LoadedModel, load_model
-from peftc.plan import Plan, build_plan
+from peftc.plan import Plan, build_plan, resolve_adapter
 from peftc.progress import step
 from peftc.rewrite.eliminate_common_subexpressions import eliminate_common_subexpressions
 from peftc.rewrite.eliminate_dead_code import eliminate_dead_code
@@ -58,25 +58,39 @@ def load_spec(spec: str | Path | Spec) -> Spec:
     return read_spec(spec)
 
 
+def base_model_name(loaded: LoadedModel) -> str | None:
+    """What a saved checkpoint records as base_model_name_or_path."""
+    return getattr(loaded.config, "_name_or_path", None) or None
+
+
+def check_spec(spec: Spec, lib: Library | None = None) -> None:
+    """The checks that need no model (methods, options, clause names, regexes): run before the model is
+    loaded so that a mistake in the spec is reported at once."""
+    lib = lib or library().checked()
+    for ad in spec.adapters.values():
+        resolve_adapter(ad, spec, lib)
+
+
 def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
                   example_inputs: list[str] | dict[str, torch.Tensor] | None = None,
                   dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0) -> Compiled:
     if dump_after is not None and dump_after not in PASSES:
         raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
     sp = load_spec(spec)
+    check_spec(sp)
     with step("Loading model"):
         loaded = load_model(model, example_inputs)
     with step("Planning adapters"):
         plan = build_plan(sp, loaded.module, merge_all=merge, train=train, seed=seed)
     with step("Tracing (torch.export)"):
         gm = trace(loaded.module, loaded.inputs)
-    manifest = Manifest(base_model_name_or_path=getattr(loaded.config, "_name_or_path", None) or None)
+    manifest = Manifest(base_model_name_or_path=base_model_name(loaded))
     rule_log: list[str] = []
     rule_hits: Counter = Counter()
     passes = {
         "insert": insert_adapters(plan, manifest),
         "fold": fold_frozen(manifest),
-        "factor": factor(library().rules, rule_log, rule_hits),
+        "factor": factor(library().checked().rules, rule_log, rule_hits),
         "cse": eliminate_common_subexpressions(),
         "fuse": fuse_shared_input(manifest),
         "dce": eliminate_dead_code(manifest),

@@ -7,8 +7,11 @@ tensors all become PeftcErrors that point at the spec (file:line:col) or at the 
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import json
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from peftc.checkpoint import (
+    CONFIG_NAME,
     PREFIX,
     SHARED_PREFIX,
     CheckpointTensors,
@@ -26,7 +30,7 @@ from peftc.checkpoint import (
     read_adapter_tensors,
     task_head_candidates,
 )
-from peftc.errors import PeftcError, did_you_mean
+from peftc.errors import PeftcError, PeftcWarning, did_you_mean
 from peftc.lang.evaluate import EvalError, evaluate
 from peftc.lang.methods import (
     MethodDef,
@@ -36,6 +40,7 @@ from peftc.lang.methods import (
     coerce_option,
     instantiate,
     instantiate_shared,
+    spec_repr,
 )
 from peftc.layer_kinds import KINDS
 from peftc.library import Library, library
@@ -44,6 +49,7 @@ from peftc.spec.model import AdapterSpec, Span, Spec
 from peftc.targeting import (
     Layer,
     is_targeted,
+    layer_index,
     layer_kind,
     layers_of,
     option_targets_hit,
@@ -87,6 +93,7 @@ class Plan:
     adapters: dict[str, AdapterPlan]
     train: bool = False
     base_overrides: dict[str, torch.Tensor] = field(default_factory=dict)  # base param FQN -> value to use
+    warnings: list[str] = field(default_factory=list)    # allowed but probably not meant (also warnings.warn)
 
     def trainable_count(self) -> int:
         n = 0
@@ -121,6 +128,7 @@ def _resolve_path(p: str, spec: Spec) -> str:
 def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterSpec, MethodDef, dict[str, Any]]:
     """Expand an `import` and check method and options. Returns (adapter, method, coerced options)."""
     if ad.import_dir is not None and ad.method is None:
+        _check_clauses(ad, None, spec)
         _only_merge_and_exclude(ad, spec)
         directory = _resolve_path(ad.import_dir, spec)
         try:
@@ -142,6 +150,7 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
         if method is None:
             raise _err(f"unknown method '{ad.method}'{did_you_mean(ad.method, lib.methods)}; "
                        f"known methods: {', '.join(sorted(lib.methods))}", ad.option_spans.get("method"), spec)
+        _check_clauses(ad, method, spec)
         if not ad.targets:
             raise _err(f"adapter '{ad.name}' has no targets: add e.g. `targets q_proj, v_proj` "
                        "or `targets all-linear`", ad.span, spec)
@@ -161,13 +170,6 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
     for decl in method.options.values():
         if decl.type != "targets":
             options.setdefault(decl.name, decl.default)
-    for key in ad.option_targets:
-        decl = method.options.get(key)
-        if decl is None or decl.type != "targets":
-            choices = [k for k, d in method.options.items() if d.type == "targets"]
-            extra = f"; {method.name} takes target lists for: {', '.join(choices)}" if choices else ""
-            raise _err(f"unknown clause '{key}' for {method.name}{did_you_mean(key, choices)}{extra}",
-                       ad.option_spans.get(key), spec)
     for pp in ad.per_pattern:
         decl = method.options.get(pp.option)
         if decl is None or not decl.pattern_key:
@@ -194,6 +196,26 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
     return ad, method, options
 
 
+CLAUSES = ("targets", "exclude", "layers", "save", "weights", "merge")   # grammar/spec.lark's clause keywords
+
+
+def _check_clauses(ad: AdapterSpec, method: MethodDef | None, spec: Spec) -> None:
+    """`NAME target, ...` is a clause only when NAME is a targets-typed option of the method (ia3's
+    `feedforward`); anything else is a misspelled clause, reported where it is written (with `method` None,
+    for an imported adapter, only near misses of the clause keywords are reported here)."""
+    options = [k for k, d in method.options.items() if d.type == "targets"] if method is not None else []
+    for key in ad.option_targets:
+        if key in options:
+            continue
+        hint = did_you_mean(key, list(CLAUSES) + options, n=1)
+        if method is None and not hint:
+            continue
+        takes = f" {method.name} also takes: {', '.join(options)}." if options else ""
+        where = f" for {method.name}" if method is not None else ""
+        raise _err(f"unknown clause '{key}'{where}{hint}; clauses are {', '.join(CLAUSES)}, and "
+                   f"`OPTION at NAME = VALUE`.{takes}".rstrip("."), ad.option_spans.get(key), spec)
+
+
 def _only_merge_and_exclude(ad: AdapterSpec, spec: Spec) -> None:
     """An imported adapter takes method, options, targets and weights from its checkpoint; its block may
     only add `merge` and `exclude`."""
@@ -201,7 +223,7 @@ def _only_merge_and_exclude(ad: AdapterSpec, spec: Spec) -> None:
     if ad.targets:
         extra.append(("targets", ad.targets[0].span))
     if ad.layers is not None:
-        extra.append(("layers", ad.span))
+        extra.append(("layers", ad.option_spans.get("layers", ad.span)))
     extra += [(f"{pp.option} at ...", pp.span) for pp in ad.per_pattern]
     extra += [(k, ad.option_spans.get(k)) for k in ad.option_targets]
     if ad.modules_to_save:
@@ -213,6 +235,72 @@ def _only_merge_and_exclude(ad: AdapterSpec, spec: Spec) -> None:
         raise _err(f"adapter '{ad.name}' is imported whole from its PEFT checkpoint: its block takes only "
                    f"`merge` and `exclude`, not `{clause}` (declare it as method(options) with "
                    "`weights \"dir\"` to choose targets or options yourself)", span, spec)
+
+
+def _check_options_agree(ad: AdapterSpec, method: MethodDef, options: dict[str, Any], config: dict[str, Any],
+                         directory: str, spec: Spec) -> None:
+    """Weights loaded with `weights "dir"` were trained with the options in dir/adapter_config.json: an
+    option that differs (given in the spec, or a default) would silently compute something else."""
+    cfg_file = _display_path(Path(directory) / CONFIG_NAME)
+    for decl in method.options.values():
+        if decl.type == "targets" or decl.name == "init" or decl.config_key not in config:
+            continue
+        try:
+            saved = coerce_option(decl, config[decl.config_key])
+        except ValueError:
+            continue
+        ours = options[decl.name]
+        if saved == ours or (isinstance(saved, float) and isinstance(ours, float) and abs(saved - ours) < 1e-12):
+            continue
+        given = decl.name in ad.options
+        what = f"{decl.name} = {_value(ours)}" if given else f"{decl.name} is {_value(ours)} (the default)"
+        raise _err(f"adapter '{ad.name}': {what} but its weights were saved with {decl.config_key} = "
+                   f"{json.dumps(config[decl.config_key])} ({cfg_file}); write {decl.name} = {_value(saved)}, or "
+                   "declare the adapter as `import \"dir\"` to take every option from the checkpoint",
+                   ad.option_spans.get(decl.name) if given else ad.option_spans.get("weights"), spec)
+
+
+def _display_path(p: Path) -> str:
+    """A path as the user would write it: relative to the working folder when it is inside it."""
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(p)
+
+
+def _value(v: Any) -> str:
+    """An option value as a user writes it: 16 rather than 16.0, true, "gaussian"."""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return spec_repr(v)
+
+
+def _ranges(nums: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out: list[str] = []
+    for n in nums:
+        if out and out[-1].split("-")[-1] == str(n - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ", ".join(out)
+
+
+def _shown(rule: Any) -> str:
+    """A per-layer key as written: a name (stored escaped, as a peft rank_pattern key) or a /regex/."""
+    plain = re.sub(r"\\(.)", r"\1", rule.value)
+    return plain if re.escape(plain) == rule.value else f"/{rule.value}/"
+
+
+def _at(msg: str, span: Span | None) -> str:
+    if span is None or not span.file:
+        return msg
+    return f"{span.file}:{span.line}:{span.column}: {msg}" if span.line else f"{span.file}: {msg}"
+
+
+def _warn(plan: Plan, msg: str) -> None:
+    plan.warnings.append(msg)
+    warnings.warn(msg, PeftcWarning, stacklevel=3)
 
 
 def _near_misses(ad: AdapterSpec, names: list[str]) -> str:
@@ -361,7 +449,7 @@ def _instantiate_layer(ad: AdapterSpec, method: MethodDef, options: dict[str, An
 
 def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: bool = False,
                seed: int = 0, lib: Library | None = None) -> Plan:
-    lib = lib or library()
+    lib = lib or library().checked()
     layers = layers_of(model)
     named = dict(model.named_modules())
     module_names = [n for n in named if n]
@@ -394,6 +482,14 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                            ad.span, spec)
             mts += hits
         matched = [n for n in module_names if is_targeted(ad, n, all_linear)]
+        if not matched and ad.layers is not None:
+            unfiltered = dataclasses.replace(ad, layers=None)
+            hits = [n for n in module_names if is_targeted(unfiltered, n, all_linear)]
+            if hits:
+                found = sorted({i for n in hits if (i := layer_index(n, ad.layers_pattern)) is not None})
+                have = f" (layer indices {_ranges(found)})" if found else ""
+                raise _err(f"adapter '{name}': `layers {', '.join(map(str, ad.layers))}` selects none of the "
+                           f"{len(hits)} layers its targets match{have}", ad.option_spans.get("layers"), spec)
         if not matched:
             where = ad.targets[0].span if ad.targets and ad.targets[0].span else ad.span
             desc = ", ".join(r.value if r.kind != "regex" else f"/{r.value}/" for r in ad.targets)
@@ -418,6 +514,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                     if other is not None and other.name != method.name:
                         raise _err(f"adapter '{name}' is {method.name} but {directory} holds a {other.name} adapter",
                                    ad.option_spans.get("weights"), spec)
+                    _check_options_agree(ad, method, options, cfg, directory, spec)
         gen = torch.Generator().manual_seed(seed + idx)
         targeted = [layers[n] for n in matched if n in layers]
         agg_dims = aggregate_dims(targeted)
@@ -442,6 +539,11 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
             tensors, consts = make_tensors(prog.steps, env, pdtype, gen, load)
             plan.sites.setdefault(lname, []).append(
                 SiteAdapter(name, method, prog, tensors, lopts, merge, is_active, consts))
+        for pp in ad.per_pattern:
+            if from_cfg or any(pattern_value([(pp.rule.value, pp.value)], lname)[0] for lname in matched):
+                continue
+            _warn(plan, _at(f"adapter '{name}': `{pp.option} at {_shown(pp.rule)} = {spec_repr(pp.value)}` matches "
+                            f"none of its {len(matched)} targeted layers, so it changes nothing", pp.span))
         ap = AdapterPlan(ad, method, options, matched, merge=merge, active=is_active,
                          source="import" if from_cfg else ("weights" if ad.weights else "fresh"),
                          shared=shared, shared_decls=shared_decls)

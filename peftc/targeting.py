@@ -96,9 +96,9 @@ def _name_hit(rule_value: str, key: str) -> bool:
     return key == rule_value or key.endswith("." + rule_value)
 
 
-def _layer_index_ok(key: str, layers: list[int] | None, patterns: list[str] | None) -> bool:
-    if not layers:
-        return True
+def layer_index(key: str, patterns: list[str] | None) -> int | None:
+    """The layer index peft reads from a module name: the first numbered segment, or the number after one
+    of `patterns` (layers_pattern)."""
     match = None
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
@@ -107,7 +107,13 @@ def _layer_index_ok(key: str, layers: list[int] | None, patterns: list[str] | No
             match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
             if match:
                 break
-    return match is not None and int(match.group("idx")) in layers
+    return int(match.group("idx")) if match is not None else None
+
+
+def _layer_index_ok(key: str, layers: list[int] | None, patterns: list[str] | None) -> bool:
+    if not layers:
+        return True
+    return layer_index(key, patterns) in layers
 
 
 def rule_hits(rules: list[TargetRule], key: str, all_linear: set[str]) -> bool:

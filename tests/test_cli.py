@@ -132,10 +132,10 @@ def work(tmp_path_factory):
     variant("missing", {k: v for k, v in sd.items() if k != key_q0_a})
     variant("extra", {**sd, extra_key: torch.zeros(4, 64)})
     variant("shape", {**sd, key_q0_a: torch.zeros(5, 64)})
-    loha = variant("loha")
-    cfg = json.loads((loha / "adapter_config.json").read_text())
-    cfg["peft_type"] = "LOHA"
-    (loha / "adapter_config.json").write_text(json.dumps(cfg))
+    unknown = variant("unsupported")
+    cfg = json.loads((unknown / "adapter_config.json").read_text())
+    cfg["peft_type"] = "FANCY_NEW_METHOD"
+    (unknown / "adapter_config.json").write_text(json.dumps(cfg))
     data = (adapter / st).read_bytes()
     (variant("truncated") / st).write_bytes(data[: len(data) // 2])
     (variant("garbage") / st).write_bytes(b"\x07\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}" + b"\x00" * 64)
@@ -217,7 +217,7 @@ def test_import_writes_a_spec_with_relative_paths(imported):
     assert 'adapter default: import "../adapter"' in text, text
     spec = peftc.read_spec(imported["spec"])
     assert list(spec.adapters) == ["default"] and spec.adapters["default"].import_dir == "../adapter"
-    assert "wrote specs/spec.peft (1 adapter)" in r.stderr
+    assert r.stdout == "wrote specs/spec.peft (1 adapter: default)\n" and r.stderr == "", r
 
 
 def test_compiled_pt2_gives_peft_logits(work, imported):
@@ -247,20 +247,23 @@ def test_written_files_get_ordinary_permissions(imported):
 
 
 def test_piped_runs_show_no_spinner_or_progress_bars(imported):
-    """stderr is a pipe here, not a terminal: only the final 'wrote ...' line, no spinner/progress redraws."""
+    """stderr is a pipe here, not a terminal: no spinner or progress redraws; the result ('wrote ...', with
+    each adapter's state) is the one line on stdout."""
     for r in (imported["import"], imported["compile"]):
         ok(r)
-        err = r.stderr
-        assert "\r" not in err and "\x1b[" not in err, repr(err)
-        assert not re.search(r"[\u2800-\u28ff\u2713]", err), repr(err)
-        lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("wrote "), repr(err)
+        assert r.stderr == "", repr(r.stderr)
+        assert "\r" not in r.stdout and "\x1b[" not in r.stdout, repr(r.stdout)
+        lines = r.stdout.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("wrote "), repr(r.stdout)
+    out = imported["compile"].stdout
+    assert re.fullmatch(r"wrote out/unmerged\.pt2: 1 adapter on 4 layers \(default: live\) "
+                        r"\(compile \d+\.\ds, total \d+\.\ds\)\n", out), out
 
 
 def test_compile_merge(work, imported, tmp_path):
     out = tmp_path / "merged.pt2"
     r = ok(peftc_cli("compile", imported["spec"], work["model"], "-o", out, "--merge"))
-    assert "merged" in r.stderr
+    assert "(default: merged)" in r.stdout, r.stdout
     m = load_pt2(out)
     with torch.no_grad():
         got = logits_of(m(**work["inputs"]))
@@ -280,7 +283,7 @@ def test_save_writes_a_checkpoint_peft_loads(work, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     r = ok(peftc_cli("save", spec, work["model"], "-o", out / "ckpt"))
-    assert "wrote" in r.stderr
+    assert r.stdout.startswith(f"wrote {out / 'ckpt'}: 1 adapter on 4 layers (default: live)"), r.stdout
     assert listing(out) == ["ckpt", "ckpt/adapter_config.json", "ckpt/adapter_model.safetensors"]
     cfg = json.loads((out / "ckpt" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["use_rslora"] is True
@@ -305,7 +308,7 @@ def test_custom_model_file_with_example_input(tmp_path):
     (tmp_path / "out").mkdir()
     r = ok(peftc_cli("compile", "conv.peft", "net.py:build", "--example-input", "x=2x3x8x8:float32",
                      "-o", "out/conv.pt2", cwd=tmp_path))
-    assert "1 adapter(s) on 2 layer(s)" in r.stderr, r.stderr
+    assert "wrote out/conv.pt2: 1 adapter on 2 layers (a: live)" in r.stdout, r.stdout
     x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     gm = peftc.compile(str(tmp_path / "conv.peft"), f"{tmp_path / 'net.py'}:build", example_inputs=["x=2x3x8x8"])
     with torch.no_grad():
@@ -335,20 +338,23 @@ def test_custom_model_module_with_example_inputs_and_dump_after(tmp_path):
 
 
 # ---------------------------------------------------------------- --quiet
-def test_quiet_before_the_command_prints_nothing(work, tmp_path):
+def test_quiet_before_the_command_prints_only_the_result(work, tmp_path):
+    """-q silences progress and notes (stderr); the result line stays on stdout."""
     spec = tmp_path / "s.peft"
     spec.write_text(f'adapter default: import "{work["adapter"]}"\n')
     r = ok(peftc_cli("--quiet", "compile", spec, work["model"], "-o", tmp_path / "q.pt2"))
     assert (tmp_path / "q.pt2").is_file()
-    assert r.stdout == "" and r.stderr == "", repr(r.stderr)
+    assert r.stderr == "", repr(r.stderr)
+    assert r.stdout.startswith(f"wrote {tmp_path / 'q.pt2'}: ") and r.stdout.count("\n") == 1, r.stdout
 
 
-def test_quiet_after_the_command_prints_nothing(work, tmp_path):
+def test_quiet_after_the_command_prints_only_the_result(work, tmp_path):
     spec = tmp_path / "s.peft"
     spec.write_text(f'adapter default: import "{work["adapter"]}"\n')
     r = ok(peftc_cli("save", spec, work["model"], "-o", tmp_path / "ckpt", "-q"))
     assert (tmp_path / "ckpt" / "adapter_model.safetensors").is_file()
-    assert r.stdout == "" and r.stderr == "", repr(r.stderr)
+    assert r.stderr == "", repr(r.stderr)
+    assert r.stdout.startswith(f"wrote {tmp_path / 'ckpt'}: ") and r.stdout.count("\n") == 1, r.stdout
 
 
 # ---------------------------------------------------------------- bad input
@@ -402,8 +408,9 @@ def case_wrong_shape(w, t, out):
 
 
 def case_unsupported_peft_type(w, t, out):
-    d = w["root"] / "loha"
-    return ["import", d, "-o", out / "s.peft"], [d], ["unsupported peft_type 'LOHA'", str(d / "adapter_config.json")]
+    d = w["root"] / "unsupported"
+    return ["import", d, "-o", out / "s.peft"], [d], ["unsupported peft_type 'FANCY_NEW_METHOD'",
+                                                      str(d / "adapter_config.json")]
 
 
 def case_truncated_safetensors(w, t, out):
@@ -452,10 +459,67 @@ def case_save_onto_an_existing_file(w, t, out):
     return ["save", s, w["model"], "-o", target], [s, w["adapter"], target], [str(target)]
 
 
+def case_compile_to_onnx_name(w, t, out):
+    s = _import_spec(t, w["adapter"])
+    return (["compile", s, w["model"], "-o", out / "model.onnx"], [s, w["adapter"], w["model"]],
+            ["`peftc compile` writes a .pt2 file", "`peftc export` writes .onnx files"])
+
+
+def case_export_to_pt2_name(w, t, out):
+    s = _import_spec(t, w["adapter"])
+    return (["export", s, w["model"], "-o", out / "model.pt2"], [s, w["adapter"], w["model"]],
+            ["`peftc export` writes a .onnx file"])
+
+
+def case_import_to_a_non_spec_name(w, t, out):
+    return ["import", w["adapter"], "-o", out / "spec.txt"], [w["adapter"]], ["`peftc import` writes a .peft file"]
+
+
+def case_save_to_a_file_name(w, t, out):
+    s = _import_spec(t, w["adapter"])
+    return (["save", s, w["model"], "-o", out / "adapter.safetensors"], [s, w["adapter"], w["model"]],
+            ["`peftc save` writes a PEFT checkpoint directory"])
+
+
+def case_unwritable_location(w, t, out):
+    s = _import_spec(t, w["adapter"])
+    target = Path("/proc/peftc-no-such-dir/model.pt2")  # /proc takes no new files, even as root
+    return (["compile", s, w["model"], "-o", target], [s, w["adapter"], w["model"]],
+            [f"cannot write {target}", "/proc is not writable"])
+
+
+def case_misspelled_targets_clause(w, t, out):
+    s = _spec(t, "adapter a: lora(r = 4) {\n    tragets q_proj\n}\n")
+    return (["check", s, w["model"]], [s, w["model"]],
+            [f"{s}:2:5: unknown clause 'tragets' for lora (did you mean 'targets'?)", "\n        ^"])
+
+
+def case_bare_misspelled_merge(w, t, out):
+    s = _spec(t, "adapter a: lora(r = 4) {\n    targets q_proj\n    mrege\n}\n")
+    return (["compile", s, w["model"], "-o", out / "x.pt2"], [s, w["model"]],
+            [f"{s}:3:5: syntax error: unknown clause 'mrege' (did you mean 'merge'?)"])
+
+
+def case_layers_beyond_the_model(w, t, out):
+    s = _spec(t, "adapter a: lora(r = 4) {\n    targets q_proj\n    layers 5\n}\n")
+    return (["save", s, w["model"], "-o", out / "ckpt"], [s, w["model"]],
+            [f"{s}:3:5: adapter 'a': `layers 5` selects none of the 2 layers its targets match"])
+
+
+def case_option_disagrees_with_the_checkpoint(w, t, out):
+    s = _spec(t, f'adapter a: lora(r = 4, alpha = 32) {{\n    targets q_proj, v_proj\n'
+                 f'    weights "{w["adapter"]}"\n}}\n')
+    return (["compile", s, w["model"], "-o", out / "x.pt2"], [s, w["adapter"], w["model"]],
+            [f"{s}:1:24: adapter 'a': alpha = 32 but its weights were saved with lora_alpha = 8"])
+
+
 BAD = [case_syntax_error, case_unknown_option, case_target_matches_nothing, case_missing_tensor, case_extra_tensor,
        case_wrong_shape, case_unsupported_peft_type, case_truncated_safetensors, case_corrupt_safetensors_import,
        case_model_path_missing, case_not_mergeable, case_output_is_a_directory_import,
-       case_output_is_a_directory_compile, case_save_onto_an_existing_file]
+       case_output_is_a_directory_compile, case_save_onto_an_existing_file, case_compile_to_onnx_name,
+       case_export_to_pt2_name, case_import_to_a_non_spec_name, case_save_to_a_file_name, case_unwritable_location,
+       case_misspelled_targets_clause, case_bare_misspelled_merge, case_layers_beyond_the_model,
+       case_option_disagrees_with_the_checkpoint]
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c.__name__[5:] for c in BAD])
@@ -468,3 +532,146 @@ def test_bad_input_fails_cleanly(work, tmp_path, case):
     inputs_before = hashes(*inputs)
     r = peftc_cli(*argv)
     assert_fails_cleanly(r, expect, out, before, inputs_before)
+
+
+# ---------------------------------------------------------------- a fast start, and failing early
+LIGHT = """
+import sys
+from peftc.cli import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as e:
+    rc = e.code
+print("torch imported" if "torch" in sys.modules else "torch not imported", rc, file=sys.stderr)
+"""
+
+
+def light_run(*args: str | Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PEFTC_DEBUG", "CI")}
+    return subprocess.run([sys.executable, "-c", LIGHT, *map(str, args)], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env)
+
+
+def test_import_peftc_does_not_import_torch_but_the_api_is_there():
+    code = ("import sys, peftc, peftc.cli; light = 'torch' not in sys.modules; f = peftc.compile; "
+            "print(light, peftc.__version__, f.__module__, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.stdout.split() == ["True", peftc.__version__, "peftc.pipeline", "True"], r.stdout + r.stderr
+
+
+def test_version():
+    r = ok(peftc_cli("--version"))
+    assert r.stdout == f"peftc {peftc.__version__}\n"
+
+
+@pytest.mark.parametrize("what", ["help", "version", "syntax error", "clause typo", "import", "wrong extension",
+                                  "unwritable"])
+def test_quick_paths_do_not_import_torch(work, tmp_path, what):
+    """--help, --version, a spec's syntax errors, `import` and output problems answer without importing torch
+    (4-7 s): they are found before any work. benchmarks/bench_cli_startup.py times them."""
+    bad = tmp_path / "bad.peft"
+    bad.write_text("adapter a: lora(r = 4 {\n    targets q_proj\n}\n")
+    typo = tmp_path / "typo.peft"
+    typo.write_text("adapter a: lora(r = 4) {\n    targets q_proj\n    mrege\n}\n")
+    argv, rc = {
+        "help": (["--help"], 0),
+        "version": (["--version"], 0),
+        "syntax error": (["compile", bad, work["model"], "-o", tmp_path / "x.pt2"], 1),
+        "clause typo": (["check", typo, "tiny-llama"], 1),
+        "import": (["import", work["adapter"], "-o", tmp_path / "s.peft"], 0),
+        "wrong extension": (["export", work["root"] / "no-such.peft", "tiny-llama", "-o", tmp_path / "m.pt2"], 1),
+        "unwritable": (["save", bad, "tiny-llama", "-o", "/proc/peftc-none/ckpt"], 1),
+    }[what]
+    r = light_run(*argv)
+    assert r.stderr.splitlines()[-1] == f"torch not imported {rc}", r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_save_does_not_trace(work, tmp_path, monkeypatch, capsys):
+    """`peftc save` writes the checkpoint from the plan: no torch.export."""
+    import peftc.cli
+    import peftc.pipeline
+    import peftc.trace
+
+    def no_trace(*a, **k):
+        raise AssertionError("save must not trace the model")
+
+    monkeypatch.setattr(peftc.trace, "trace", no_trace)
+    monkeypatch.setattr(peftc.pipeline, "trace", no_trace)
+    spec = tmp_path / "s.peft"
+    spec.write_text(f'adapter default: import "{work["adapter"]}"\n')
+    assert peftc.cli.main(["save", str(spec), str(work["model"]), "-o", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith(f"wrote {tmp_path / 'ckpt'}: 1 adapter on 4 layers (default: live)"), out
+    saved = load_file_(tmp_path / "ckpt" / "adapter_model.safetensors")
+    theirs = load_file_(work["adapter"] / "adapter_model.safetensors")
+    assert set(saved) == set(theirs) and all(torch.equal(saved[k], theirs[k]) for k in saved)
+
+
+def load_file_(path: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def test_summary_line_tells_each_adapters_state(work, tmp_path):
+    spec = tmp_path / "multi.peft"
+    spec.write_text("adapter style: lora(r = 8) { targets q_proj, v_proj\n merge }\n"
+                    "adapter task: lora(r = 4) { targets v_proj, o_proj }\n"
+                    "adapter draft: ia3() { targets k_proj }\n"
+                    "active style, task\n")
+    r = ok(peftc_cli("save", spec, work["model"], "-o", tmp_path / "ckpt"))
+    want = (f"wrote {tmp_path / 'ckpt' / 'style'}, {tmp_path / 'ckpt' / 'task'}, {tmp_path / 'ckpt' / 'draft'}: "
+            "3 adapters on 8 layers (style: merged; task: live; draft: inactive) (total ")
+    assert r.stdout.startswith(want) and r.stdout.count("\n") == 1, r.stdout
+    assert r.stderr == "", r.stderr
+
+
+def test_warnings_go_to_stderr_and_results_to_stdout(work, tmp_path):
+    spec = tmp_path / "w.peft"
+    spec.write_text("adapter a: lora(r = 4) {\n    targets q_proj\n    r at k_proj = 2\n}\n")
+    r = ok(peftc_cli("check", spec, work["model"], "-q"))
+    assert r.stderr == (f"peftc: warning: {spec}:3:5: adapter 'a': `r at k_proj = 2` matches none of its 2 "
+                        "targeted layers, so it changes nothing\n"), r.stderr
+    assert "adapter a: lora(" in r.stdout and r.stdout.endswith("ok: no errors\n"), r.stdout
+
+
+def test_import_takes_every_adapter_of_a_multi_adapter_save(work, tmp_path):
+    """peft saves the default adapter at the root and the others in subfolders named after them."""
+    d = tmp_path / "multi"
+    shutil.copytree(work["adapter"], d)
+    shutil.copytree(work["adapter"], d / "second")
+    shutil.copytree(work["root"] / "unsupported", d / "third")   # a peft_type peftc does not support: left out
+    (tmp_path / "specs").mkdir()
+    r = ok(peftc_cli("import", d, "-o", tmp_path / "specs" / "all.peft"))
+    assert r.stdout == f"wrote {tmp_path / 'specs' / 'all.peft'} (2 adapters: default, second)\n", r.stdout
+    assert r.stderr.startswith(f"note: left out {d / 'third'}: unsupported peft_type 'FANCY_NEW_METHOD'"), r.stderr
+    spec = peftc.read_spec(tmp_path / "specs" / "all.peft")
+    assert {n: a.import_dir for n, a in spec.adapters.items()} == {"default": "../multi", "second": "../multi/second"}
+    only_subfolders = tmp_path / "subs"
+    shutil.copytree(d / "second", only_subfolders / "one")
+    shutil.copytree(d / "second", only_subfolders / "two")
+    r = ok(peftc_cli("import", only_subfolders, "-o", tmp_path / "subs.peft"))
+    assert "(2 adapters: one, two)" in r.stdout, r.stdout
+
+
+def test_library_calls_print_nothing_and_onnx_export_shows_its_steps(tmp_path, capfd):
+    """save_pt2 / export_onnx print no torch notices (temp file names, torchvision) and warn nothing; the ONNX
+    export and its onnxruntime check are several progress steps."""
+    import warnings
+
+    from peftc import progress
+    gm = peftc.compile("adapter a: lora(r = 2) { targets q_proj }", "tiny-llama")
+    capfd.readouterr()
+    del progress.history[:]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peftc.save_pt2(gm, tmp_path / "m.pt2")
+        peftc.export_onnx(gm, tmp_path / "m.onnx")
+    out = capfd.readouterr()
+    assert out.out == "" and out.err == "", out
+    assert [str(w.message) for w in caught] == []
+    labels = [label for label, _ in progress.history]
+    assert labels == ["Re-exporting the adapted graph (torch.export)", "Writing .pt2",
+                      "Exporting to ONNX (torch.onnx, dynamo)", "Writing .onnx",
+                      "onnxruntime check: the torch graph on a fresh input",
+                      "onnxruntime check: loading and running the ONNX model"], labels

@@ -103,3 +103,76 @@ def test_train_lora_example_main(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "PeftModel.from_pretrained" in text
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- the README's console examples
+README = EXAMPLES.parent / "README.md"
+_TIMES = re.compile(r"\d+(\.\d+)?s\b")
+_DIFF = re.compile(r"max abs diff \S+ vs")
+
+
+def console_sessions(text: str) -> list[list[tuple[str, list[str]]]]:
+    """Each ```console block of the README as [(command, expected output lines)]."""
+    sessions = []
+    for block in re.findall(r"```console\n(.*?)```", text, re.S):
+        steps: list[tuple[str, list[str]]] = []
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                steps.append((line[2:], []))
+            elif steps:
+                steps[-1][1].append(line)
+        sessions.append(steps)
+    return sessions
+
+
+def _norm(line: str) -> str:
+    return _DIFF.sub("max abs diff X vs", _TIMES.sub("Ns", line.rstrip()))
+
+
+def output_matches(want: list[str], got: list[str]) -> bool:
+    """Lines equal up to timings and measured differences; a line `...` in the README stands for any lines
+    (the README abridges long listings)."""
+    want = [_norm(w) for w in want if w.strip()]
+    got = [_norm(g) for g in got if g.strip()]
+
+    def match(i: int, j: int) -> bool:
+        if i == len(want):
+            return j == len(got)
+        if want[i] == "...":
+            return any(match(i + 1, k) for k in range(j, len(got) + 1))
+        return j < len(got) and want[i] == got[j] and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+def test_output_matching_rules():
+    assert output_matches(["a 1.5s", "...", "z"], ["a 2.25s", "b", "c", "z"])
+    assert not output_matches(["a", "z"], ["a", "b", "z"])
+    assert not output_matches(["a"], ["b"])
+
+
+@pytest.mark.slow
+def test_readme_console_examples_are_true(tmp_path):
+    """Every `$ peftc ...` (and `$ cat`, `$ ls`) in the README's console blocks, run in order in a scratch
+    folder with examples/: the output must be what the README shows. A `$ cat FILE` of a file that does not
+    exist yet creates it from the README (the typo examples)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(EXAMPLES, tmp_path / "examples")
+    env = {k: v for k, v in os.environ.items() if k not in ("PEFTC_DEBUG", "CI")}
+    env["PYTHONPATH"] = str(EXAMPLES.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    peftc_cmd = f"{sys.executable} -m peftc.cli"
+    for steps in console_sessions(README.read_text()):
+        for command, want in steps:
+            cmd = command.split("#")[0].strip() if "peftc" in command else command
+            if cmd.startswith("cat ") and not (tmp_path / cmd[4:].strip()).exists():
+                (tmp_path / cmd[4:].strip()).write_text("\n".join(want) + "\n")
+                continue
+            run = re.sub(r"^peftc ", peftc_cmd + " ", cmd)
+            r = subprocess.run(run, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            got = (r.stdout + r.stderr).splitlines()
+            assert output_matches(want, got), f"$ {command}\n--- README:\n" + "\n".join(want) + \
+                "\n--- got:\n" + "\n".join(got)

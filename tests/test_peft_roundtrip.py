@@ -316,3 +316,43 @@ def test_modules_to_save_copy_is_independent_of_the_base(tmp_path):
     assert max_diff(run_logits(pm, x), run_logits(gm, x)) <= TOL
     pm2 = copy.deepcopy(pm).merge_and_unload()
     assert max_diff(run_logits(pm2, x), run_logits(gm, x)) <= TOL
+
+
+# ---------------------------------------------------------------- `peftc save` without tracing
+SAVE_CASES = {
+    "multi": ('adapter style: lora(r = 8, alpha = 16, init = "random") { targets q_proj, v_proj\n merge }\n'
+              'adapter task: lora(r = 4, alpha = 8, dropout = 0.1, rslora = true) {\n targets all-linear\n'
+              ' exclude gate_proj\n r at down_proj = 8\n alpha at o_proj = 3 }\n'
+              'adapter draft: ia3() { targets /model\\.layers\\.\\d+\\.self_attn\\.(k|v)_proj/\n'
+              ' feedforward down_proj }\nactive style, task\n', "llama"),
+    "import-merged": ('adapter default: import "{d}" { merge }\nadapter extra: dora(r = 2) { targets q_proj }\n',
+                      "llama"),
+    "gpt2-conv1d": ('adapter default: lora(r = 2, init = "gaussian", lora_bias = true) { targets c_attn, c_fc }',
+                    "gpt2"),
+    "modules-to-save": ('adapter default: lora(r = 2, alpha = 2) {\n targets fc1\n save fc2\n}', "convnet"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVE_CASES))
+def test_save_from_the_plan_equals_save_from_the_graph(case, tmp_path):
+    """`peftc save` writes the checkpoint from the plan, without tracing: byte for byte what `save_adapter`
+    writes for the graph compiled from the same spec and model."""
+    from peftc.emit.checkpoint import save_plan
+    from peftc.plan import build_plan
+    from peftc.spec.parse import parse_spec
+
+    text, model_name = SAVE_CASES[case]
+    if "{d}" in text:
+        text = text.replace("{d}", str(_peft_default(tmp_path)[0]))
+    model = MODELS[model_name]()
+    gm = compile_on(text, model_name, model)
+    traced = peftc.save_adapter(gm, tmp_path / "traced")
+    planned = save_plan(build_plan(parse_spec(text), model), tmp_path / "planned",
+                        base_model_name_or_path=gm.peftc.base_model_name_or_path)
+    assert [p.relative_to(tmp_path / "planned") for p in planned] == \
+        [p.relative_to(tmp_path / "traced") for p in traced]
+    files = sorted(p.relative_to(tmp_path / "traced") for p in (tmp_path / "traced").rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(tmp_path / "planned")
+                                     for p in (tmp_path / "planned").rglob("*") if p.is_file())
+    for f in files:
+        assert (tmp_path / "traced" / f).read_bytes() == (tmp_path / "planned" / f).read_bytes(), f

@@ -376,9 +376,64 @@ def test_exclude_removing_every_target(model):
     assert "match no layer" in msg, msg
 
 
-def test_layers_filter_removing_every_target(model):
-    msg = error_of("adapter a: lora() { targets q_proj\n  layers 7 }", model)
-    assert "match no layer" in msg, msg
+def test_layers_filter_removing_every_target_blames_layers(model):
+    """The targets are fine; `layers 7` on a 2-layer model is what selects nothing."""
+    text = "adapter a: lora() { targets q_proj\n  layers 7 }"
+    msg = error_of(text, model)
+    assert "`layers 7` selects none of the 2 layers its targets match (layer indices 0-1)" in msg, msg
+    assert "match no layer" not in msg, msg
+    assert_error_at(msg, text, "layers")
+
+
+@pytest.mark.parametrize("typo, want", [("tragets", "targets"), ("exlude", "exclude"), ("layres", "layers"),
+                                        ("weigths", "weights"), ("svae", "save")])
+def test_misspelled_clause_keyword_is_reported_at_the_typo(model, typo, want):
+    """`tragets q_proj` parses as a method's target-list clause (ia3's `feedforward`): it must be reported as
+    an unknown clause at the typo, before the "no targets" check would blame line 1."""
+    text = f"adapter a: lora(r = 2) {{\n    {typo} q_proj\n}}\n"
+    if typo != "tragets":
+        text = text.replace("{\n", "{\n    targets q_proj\n")
+    msg = error_of(text, model)
+    assert f"unknown clause '{typo}' for lora (did you mean '{want}'?)" in msg, msg
+    assert "no targets" not in msg, msg
+    assert_error_at(msg, text, typo)
+
+
+def test_misspelled_clause_in_an_import_block(tmp_path, model):
+    text = f'adapter a: import "{tmp_path}" {{\n    mrege x\n}}\n'
+    msg = error_of(text, model)
+    assert "unknown clause 'mrege'" in msg and "did you mean 'merge'" in msg, msg
+    assert_error_at(msg, text, "mrege")
+
+
+@pytest.mark.parametrize("text", [
+    "adapter a: lora() {\n    targets q_proj\n    mrege\n}\n",
+    "adapter a: lora() {\n    mrege\n    targets q_proj\n}\n",
+    "adapter a: lora() {\n    targets q_proj,\n        v_proj   # a list may go on\n    mrege\n}\n",
+])
+def test_bare_misspelled_merge_is_a_syntax_error_at_the_typo(text):
+    msg = error_of(text)
+    assert "syntax error: unknown clause 'mrege' (did you mean 'merge'?)" in msg, msg
+    assert_error_at(msg, text, "mrege")
+
+
+def test_syntax_error_without_a_clause_typo_is_unchanged():
+    text = "adapter a: lora() {\n    targets q_proj\n    r at q_proj 4\n}\n"
+    msg = error_of(text)
+    assert "syntax error: unexpected '4'" in msg and "unknown clause" not in msg, msg
+
+
+def test_per_layer_value_for_an_untargeted_layer_warns(model):
+    """peft warns when a rank_pattern key matches no targeted module; so does peftc (once, at the key)."""
+    text = "adapter a: lora(r = 4) {\n    targets q_proj\n    r at k_proj = 2\n    r at q_proj = 8\n}\n"
+    with pytest.warns(peftc.PeftcWarning) as record:
+        plan = build_plan(parse_spec(text, FILE), model)
+    msgs = [str(w.message) for w in record if issubclass(w.category, peftc.PeftcWarning)]
+    line, col = position(text, "r at k_proj")
+    assert msgs == [f"{FILE}:{line}:{col}: adapter 'a': `r at k_proj = 2` matches none of its 2 targeted layers, "
+                    "so it changes nothing"], msgs
+    assert plan.warnings == msgs
+    assert plan.sites["model.layers.0.self_attn.q_proj"][0].layer_options["r"] == 8
 
 
 @pytest.mark.parametrize("clause, needle", [
@@ -476,11 +531,33 @@ def test_relative_weights_resolve_against_the_spec_folder(model, lora_ckpt, tmp_
     assert torch.equal(site.tensors["B"], ref.lora_B["default"].weight)
 
 
-def test_weights_rank_mismatch_names_key_and_shapes(model, lora_ckpt):
+@pytest.mark.parametrize("opts, needle, expect", [
+    ("r = 8", "r = 8", "r = 8 but its weights were saved with r = 4"),
+    ("r = 4, alpha = 32", "alpha", "alpha = 32 but its weights were saved with lora_alpha = 8"),
+    ("r = 4, rslora = true", "rslora", "rslora = true but its weights were saved with use_rslora = false"),
+    ("r = 4, dropout = 0.1", "dropout", "dropout = 0.1 but its weights were saved with lora_dropout = 0.0"),
+    ("r = 4, alpha = 16", "alpha", "write alpha = 8,"),
+])
+def test_weights_options_must_agree_with_the_checkpoint(model, lora_ckpt, opts, needle, expect):
+    """Tensors loaded with `weights` were trained with the checkpoint's options: a spec option that differs
+    would silently compute something else than peft does (alpha 32 vs 16: 0.37 off)."""
     _, d = lora_ckpt
-    text = f'adapter a: lora(r = 8) {{ targets q_proj, v_proj\n  weights "{d}" }}'
+    text = f'adapter a: lora({opts}) {{ targets q_proj, v_proj\n  weights "{d}" }}'
     msg = error_of(text, model)
-    assert "lora_A.weight" in msg and "[4, 64]" in msg and "[8, 64]" in msg, msg
+    assert expect in msg and str(d / "adapter_config.json") in msg, msg
+    assert_error_at(msg, text, needle)
+
+
+def test_weights_default_option_disagreeing_with_the_checkpoint(model, tmp_path):
+    from peft import LoraConfig
+    _, _, d = peft_adapter("llama", LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"],
+                                               init_lora_weights=False), tmp_path)
+    text = f'adapter a: lora(r = 4) {{ targets q_proj\n  weights "{d}" }}'
+    msg = error_of(text, model)
+    assert "alpha is 8 (the default) but its weights were saved with lora_alpha = 16" in msg, msg
+    assert_error_at(msg, text, f'"{d}"')
+    plan = build_plan(parse_spec(text.replace("r = 4", "r = 4, alpha = 16"), FILE), model)
+    assert plan.adapters["a"].options["alpha"] == 16
 
 
 def test_weights_of_another_method(model, lora_ckpt):

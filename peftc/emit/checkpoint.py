@@ -14,7 +14,8 @@ from peftc.checkpoint import PREFIX, SHARED_PREFIX, pattern_key_for, write_check
 from peftc.errors import PeftcError
 from peftc.layer_kinds import KINDS
 from peftc.library import library
-from peftc.manifest import AdapterRecord, Manifest
+from peftc.manifest import AdapterRecord, Manifest, records_from_plan
+from peftc.plan import Plan
 
 
 def _config_value(decl: Any, value: Any) -> Any:
@@ -76,11 +77,25 @@ def save_adapter(gm: fx.GraphModule, directory: str | Path, adapters: list[str] 
     manifest: Manifest | None = getattr(gm, "peftc", None)
     if manifest is None:
         raise PeftcError("this GraphModule was not compiled by peftc (no adapter manifest)")
+    return write_adapters(manifest, directory, getattr(gm, "peftc_layer_kinds", {}), adapters)
+
+
+def save_plan(plan: Plan, directory: str | Path, adapters: list[str] | None = None, *,
+              base_model_name_or_path: str | None = None) -> list[Path]:
+    """Write the adapters of a plan as PEFT checkpoints without tracing the model (`peftc save`): the same
+    files `save_adapter` writes for a graph compiled from that plan."""
+    manifest = Manifest(adapters=records_from_plan(plan), base_model_name_or_path=base_model_name_or_path)
+    kinds = {name: layer.kind for name, layer in plan.layers.items()}
+    return write_adapters(manifest, directory, kinds, adapters)
+
+
+def write_adapters(manifest: Manifest, directory: str | Path, kinds: dict[str, str],
+                   adapters: list[str] | None = None) -> list[Path]:
+    """One checkpoint per adapter: the only one (or 'default') at the root, the others in subfolders."""
     names = adapters or list(manifest.adapters)
     unknown = [n for n in names if n not in manifest.adapters]
     if unknown:
         raise PeftcError(f"no adapter named {unknown[0]!r}; this graph has {', '.join(manifest.adapters)}")
-    kinds = getattr(gm, "peftc_layer_kinds", {})
     root = Path(directory)
     written = []
     for name in names:

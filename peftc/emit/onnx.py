@@ -16,6 +16,8 @@ from torch import fx
 from peftc.atomic import check_file_target, finish_file
 from peftc.errors import PeftcError
 from peftc.models import fresh_like
+from peftc.progress import step
+from peftc.quiet import quiet_libraries
 from peftc.trace import dynamic_shapes_for
 
 TWO_GB = 2 * 1024**3
@@ -52,10 +54,11 @@ def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor]) -> list[np.ndarr
 def check_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor], tol: float) -> OnnxCheck:
     was = gm.training
     gm.eval()
-    with torch.no_grad():
+    with step("onnxruntime check: the torch graph on a fresh input"), torch.no_grad():
         want = flat_outputs(gm(**inputs))
     gm.train(was)
-    got = run_onnx(path, inputs)
+    with step("onnxruntime check: loading and running the ONNX model"):
+        got = run_onnx(path, inputs)
     if len(got) != len(want):
         raise PeftcError(f"{path}: onnxruntime gave {len(got)} outputs, torch {len(want)}")
     diff = 0.0
@@ -80,13 +83,18 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
     check_file_target(path)
     was = gm.training
     gm.eval()
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise PeftcError(f"cannot write {path}: {e.strerror}") from None
     try:
         tmp = tmpdir / path.name
         try:
-            prog = torch.onnx.export(gm, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs),
-                                     dynamo=True, external_data=external, verbose=False)
-            prog.save(str(tmp), external_data=external)
+            with step("Exporting to ONNX (torch.onnx, dynamo)"), quiet_libraries():
+                prog = torch.onnx.export(gm, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs),
+                                         dynamo=True, external_data=external, verbose=False)
+            with step("Writing .onnx"), quiet_libraries():
+                prog.save(str(tmp), external_data=external)
         except PeftcError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -95,8 +103,11 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
         finally:
             gm.train(was)
         result = check_onnx(gm, tmp, fresh_like(inputs), tol) if check else None
-        for f in tmpdir.iterdir():
-            finish_file(f, path.parent / f.name)
+        try:
+            for f in tmpdir.iterdir():
+                finish_file(f, path.parent / f.name)
+        except OSError as e:
+            raise PeftcError(f"cannot write {path}: {e.strerror}") from None
         return result
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

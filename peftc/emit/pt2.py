@@ -8,6 +8,8 @@ from torch import fx
 
 from peftc.atomic import atomic_path
 from peftc.errors import PeftcError
+from peftc.progress import step
+from peftc.quiet import quiet_libraries
 from peftc.trace import dynamic_shapes_for
 
 
@@ -16,7 +18,9 @@ def export_graph(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> torch.e
     was_training = gm.training
     gm.eval()
     try:
-        return torch.export.export(gm, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs), strict=False)
+        with quiet_libraries():
+            return torch.export.export(gm, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs),
+                                       strict=False)
     except Exception as e:  # noqa: BLE001
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PeftcError(f"re-exporting the adapted graph failed: {type(e).__name__}: {first}") from None
@@ -27,7 +31,8 @@ def export_graph(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> torch.e
 def save_pt2(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None) -> Path:
     path = Path(path)
     inputs = inputs if inputs is not None else gm.peftc_inputs
-    ep = export_graph(gm, inputs)
-    with atomic_path(path) as tmp:
+    with step("Re-exporting the adapted graph (torch.export)"):
+        ep = export_graph(gm, inputs)
+    with step("Writing .pt2"), atomic_path(path, suffix=".pt2") as tmp, quiet_libraries():
         torch.export.save(ep, str(tmp))
     return path

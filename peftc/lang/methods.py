@@ -18,8 +18,7 @@ from lark import Lark, Token, Tree
 from lark.exceptions import LarkError, UnexpectedInput
 
 from peftc.errors import PeftcError, did_you_mean
-from peftc.lang.evaluate import EvalError, evaluate
-from peftc.lang.expr import Const, Expr, names_in, to_expr
+from peftc.lang.expr import Call, Const, Expr, names_in, to_expr
 from peftc.resources import grammar_text
 
 OPTION_TYPES = ("int", "float", "bool", "str", "targets")
@@ -138,6 +137,11 @@ def _string(tok: Token) -> str:
 
 
 def _const(expr: Expr, file: str) -> Any:
+    if isinstance(expr, Const):  # the usual case, without importing the evaluator (and torch)
+        return expr.value
+    if isinstance(expr, Call) and expr.fn == "neg" and isinstance(expr.args[0], Const):   # -1
+        return -expr.args[0].value
+    from peftc.lang.evaluate import EvalError, evaluate
     try:
         return evaluate(expr, {})
     except EvalError as e:
@@ -313,6 +317,7 @@ _TENSOR_NAMES = {"W", "W0", "b"}
 
 def _let_value(expr: Expr, env: dict[str, Any], deferred: set[str]) -> Any:
     """Evaluate a `let` now if it needs no tensors; raise NeedsTensors if it does; EvalError if it is wrong."""
+    from peftc.lang.evaluate import evaluate
     if names_in(expr) & (deferred | _TENSOR_NAMES):
         raise NeedsTensors
     return evaluate(expr, env)
@@ -321,6 +326,7 @@ def _let_value(expr: Expr, env: dict[str, Any], deferred: set[str]) -> Any:
 def _shape(ps: ParamSyntax, env: dict[str, Any], shape_of: Callable[[str], tuple[int, ...] | None] | None,
            key: str | None) -> tuple[tuple[int, ...], dict[int, str]]:
     """Evaluate a param's shape; a `?name` dim takes the loaded tensor's size (binding `name`) or name's value."""
+    from peftc.lang.evaluate import EvalError, evaluate
     loaded = shape_of(key) if shape_of is not None and key is not None else None
     dims: list[int] = []
     bound: dict[int, str] = {}
@@ -345,6 +351,7 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
     `shape_of(saved_key)` gives the shape of a tensor in the checkpoint being loaded (or None), so that
     `?name` dims (a pruned AdaLoRA rank, say) come from the file.
     """
+    from peftc.lang.evaluate import EvalError, evaluate  # here, not at import: loading the library needs no torch
     env: dict[str, Any] = {**dims, **options}
     prog = SiteProgram([], [], None, None, None, env, True)
     deferred: set[str] = set()   # names known only once tensors exist (lets over tensors, params, consts)
@@ -430,6 +437,7 @@ def instantiate_shared(method: MethodDef, kinds: set[str], options: dict[str, An
     """The adapter-level tensors (`shared` statements) for an adapter whose layers are of `kinds`, with
     aggregate dims (`max_in`, `max_out`: the largest over its layers). Returns the declarations, the steps
     (lets and shared params, in declaration order) and the environment. Lets that need a layer are skipped."""
+    from peftc.lang.evaluate import EvalError, evaluate
     env: dict[str, Any] = {**dims, **options}
     decls: list[ParamDecl] = []
     steps: list[tuple[str, Any]] = []

@@ -17,7 +17,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from peftc.errors import PeftcError
 from peftc.lang.evaluate import evaluate
 from peftc.layer_kinds import KINDS
-from peftc.manifest import AdapterRecord, Manifest
+from peftc.manifest import Manifest, adapter_record, add_layer
 from peftc.ops import TENSOR_OPS
 from peftc.plan import Plan
 from peftc.rewrite.graph_tools import ADAPTER, BASE, TAG, GraphBuilder, get_path, has_path, normalized_args, set_path
@@ -74,19 +74,13 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
             modified = True
         shared_paths: dict[tuple[str, str], str] = {}
         for name, ap in plan.adapters.items():
-            manifest.adapters[name] = AdapterRecord(name, ap.method.name, dict(ap.options), {}, {},
-                                                    merged=ap.merge, active=ap.active,
-                                                    extra_config={k: v for k, v in ap.spec.extra_config.items()
-                                                                  if not k.startswith("__")},
-                                                    extra_tensors=dict(ap.base_weights))
+            manifest.adapters[name] = adapter_record(name, ap)
             live = ap.active and not ap.merge
             for decl in ap.shared_decls:   # one tensor per adapter, read by every layer
                 path = f"peftc_shared.{name}.{decl.name}"
                 _register(gm, manifest, path, ap.shared[decl.name], live, decl.frozen)
                 if decl.saved is not None:
                     manifest.adapters[name].shared[decl.saved] = get_path(gm, path)
-                    if decl.each_layer:
-                        manifest.adapters[name].shared_each_layer.add(decl.saved)
                 shared_paths[(name, decl.name)] = path
         for lname, sas in plan.sites.items():
             layer = plan.layers[lname]
@@ -94,17 +88,13 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
             paths: dict[tuple[str, str], str] = dict(shared_paths)
             for sa in sas:
                 rec = manifest.adapters[sa.adapter]
-                rec.tensors[lname] = {}
-                rec.layer_options[lname] = dict(sa.layer_options)
-                for (key, suffix), value in sa.program.records.items():
-                    rec.records.setdefault(key, {})[f"{lname}.{suffix}"] = value
                 live = sa.active and not sa.merge
                 for decl in sa.program.params:
                     path = param_path(lname, decl.saved, sa.adapter, decl.name)
                     _register(gm, manifest, path, sa.tensors[decl.name], live, decl.frozen)
-                    if decl.saved is not None:
-                        rec.tensors[lname][decl.saved] = get_path(gm, path)
                     paths[(sa.adapter, decl.name)] = path
+                add_layer(rec, lname, sa, {d.name: get_path(gm, paths[(sa.adapter, d.name)])
+                                           for d in sa.program.params})
                 for cname, value in sa.consts.items():
                     path = f"{lname}.peftc_{cname}.{sa.adapter}"
                     set_path(gm, path, value)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ast as pyast
+import difflib
+import re
 from pathlib import Path
 
 from lark import Lark, Token, Tree
@@ -53,10 +55,74 @@ def _literal(tok: Token | Tree) -> object:
     return str(tok)
 
 
+CLAUSE_KEYWORDS = ("targets", "exclude", "layers", "save", "weights", "merge")
+_SCAN = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*|/(?:\\.|[^/\\\n])+/|[{}]|[A-Za-z_][A-Za-z0-9_\-]*|\S')
+
+
+def _clause_typo(text: str, end: int) -> tuple[str, int, int, str] | None:
+    """For a syntax error at line:column inside an adapter's block: the first clause there that starts with
+    a misspelling of a clause keyword (a bare `mrege` is a syntax error, not a clause), as (word, line,
+    column, hint)."""
+    depth, block_start, prev = 0, -1, ""
+    words: list[tuple[str, int]] = []   # clause-start words in the current block: (word, offset)
+    for m in _SCAN.finditer(text, 0, max(end, 0)):
+        tok = m.group()
+        if tok.startswith("#"):
+            continue
+        if tok == "{":
+            depth, block_start, words = depth + 1, m.start(), []
+        elif tok == "}":
+            depth = max(depth - 1, 0)
+            words = []
+        elif depth and (tok[0].isalpha() or tok[0] == "_") and prev in ("{", "}", "\n"):
+            words.append((tok, m.start()))
+        newline = "\n" in text[m.end(): (_next_start(text, m.end()))]
+        prev = "\n" if newline and tok != "," else tok
+    if block_start < 0 or not depth:
+        return None
+    for word, off in words:
+        if word in CLAUSE_KEYWORDS:
+            continue
+        close = difflib.get_close_matches(word, CLAUSE_KEYWORDS, n=2, cutoff=0.7)
+        if close:
+            ln = text.count("\n", 0, off) + 1
+            col = off - (text.rfind("\n", 0, off) + 1) + 1
+            return word, ln, col, " or ".join(f"'{c}'" for c in close)
+    return None
+
+
+def _offset(e: UnexpectedInput, text: str) -> int:
+    token = getattr(e, "token", None)
+    if isinstance(e, UnexpectedEOF) or (token is not None and token.type == "$END") or not e.line or e.line < 0:
+        return len(text)
+    lines = text.splitlines(keepends=True)
+    return sum(len(x) for x in lines[: e.line - 1]) + (e.column or 1) - 1
+
+
+def _next_start(text: str, pos: int) -> int:
+    """Offset of the next non-blank character (comments count as blank up to their line's end)."""
+    m = re.compile(r"(?:\s|#[^\n]*)*").match(text, pos)
+    return m.end() if m else pos
+
+
 def parse_spec(text: str, file: str = "<spec>") -> Spec:
     """Parse spec text. Syntax errors raise PeftcError with file:line:col and a caret."""
     try:
         tree = spec_parser().parse(text)
+    except UnexpectedInput as e:
+        typo = _clause_typo(text, _offset(e, text))
+        if typo is None:
+            _syntax_error(e, text, file)
+        word, ln, col, hint = typo
+        raise PeftcError(f"syntax error: unknown clause '{word}' (did you mean {hint}?); clauses are "
+                         f"{', '.join(CLAUSE_KEYWORDS)}, and `OPTION at NAME = VALUE`", file=file, line=ln,
+                         column=col, source=text) from None
+    return _build(tree, text, file)
+
+
+def _syntax_error(e: UnexpectedInput, text: str, file: str) -> None:
+    try:
+        raise e
     except UnexpectedToken as e:
         if e.token.type == "$END":
             lines = text.splitlines() or [""]
@@ -74,6 +140,8 @@ def parse_spec(text: str, file: str = "<spec>") -> Spec:
     except UnexpectedInput as e:
         raise PeftcError("syntax error", file=file, line=e.line, column=e.column, source=text) from None
 
+
+def _build(tree: Tree, text: str, file: str) -> Spec:
     def span(node: Tree | Token) -> Span:
         if isinstance(node, Token):
             return Span(file, node.line or 0, node.column or 0)
@@ -126,6 +194,7 @@ def parse_spec(text: str, file: str = "<spec>") -> Spec:
                 ints = [int(str(c)) for c in cl.children if isinstance(c, Token) and c.type == "INT"]
                 pats = [str(c) for c in cl.children if isinstance(c, Token) and c.type == "MODNAME"]
                 ad.layers = (ad.layers or []) + ints
+                ad.option_spans.setdefault("layers", span(cl))
                 if pats:
                     ad.layers_pattern = pats
             elif k == "modules_to_save":
