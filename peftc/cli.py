@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 from peftc.errors import PeftcError
 
-PASS_NAMES = ("insert", "fold", "factor", "cse", "fuse", "dce")  # peftc.pipeline.PASSES, without importing torch
+# peftc.pipeline.PASSES, without importing torch
+PASS_NAMES = ("strip", "insert", "fold", "factor", "cse", "fuse", "dce")
 
 
 def _quiet_libraries() -> None:

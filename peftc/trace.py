@@ -1,6 +1,17 @@
-"""Model -> fx GraphModule with torch.export (strict=False), dynamic batch and sequence dimensions."""
+"""Model -> fx GraphModule with torch.export (strict=False), dynamic batch and sequence dimensions.
+
+What is traced is the model as users call it, with two changes that make every output stand on its own:
+the cache is off (`use_cache=False` where the model takes it, without touching its config), and the outputs
+are plain: a Hugging Face `ModelOutput` becomes a dict of its tensors (`{"logits": ...}`), `None` and cache
+objects are dropped, tuples stay tuples. A `.pt2` then loads with only torch imported.
+
+Dynamic axes have names: `batch` (dim 0 of every input), `sequence` (the token axis of `input_ids`,
+`attention_mask`, ..., one symbol for all of them) and `decoder_sequence` (the same for `decoder_*` inputs).
+"""
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -9,23 +20,133 @@ from torch.export import Dim
 
 from peftc.errors import PeftcError
 
-
-def dynamic_shapes_for(inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, Any]]:
-    """Batch (dim 0) is dynamic; so is dim 1 of token ids/masks (rank 2, integer) and of (B, S, H) floats."""
-    shapes: dict[str, dict[int, Any]] = {}
-    for name, t in inputs.items():
-        dims: dict[int, Any] = {}
-        if t.dim() >= 1:
-            dims[0] = Dim.AUTO
-        if t.dim() == 2 and not t.dtype.is_floating_point or t.dim() == 3 and t.dtype.is_floating_point:
-            dims[1] = Dim.AUTO
-        shapes[name] = dims
-    return shapes
+# the HF forward keywords set at trace time (when the forward takes them): no cache, named outputs
+TRACE_KWARGS = {"use_cache": False, "return_dict": True}
 
 
-def export_program(module: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
+def plain_outputs(out: Any) -> Any:
+    """Tensors, or dicts/tuples of them: ModelOutput (any Mapping) -> dict; None and non-tensor leaves dropped."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        items = ((str(k), plain_outputs(v)) for k, v in out.items())
+        return {k: v for k, v in items if v is not None}
+    if isinstance(out, (tuple, list)):
+        kept = tuple(v for v in (plain_outputs(v) for v in out) if v is not None)
+        return kept or None
+    return None
+
+
+class _Plain(nn.Module):
+    """The model's modules, parameters and buffers under their own names (so the graph's paths are the model's),
+    with a forward that calls the model without cache and returns plain outputs. The model is not changed."""
+
+    def __init__(self, model: nn.Module, call_kwargs: dict[str, Any], input_names: list[str]) -> None:
+        super().__init__()
+        self._modules.update(model._modules)
+        self._parameters.update(model._parameters)
+        self._buffers.update(model._buffers)
+        self._non_persistent_buffers_set |= model._non_persistent_buffers_set
+        model_ = model
+
+        def forward(**inputs: torch.Tensor) -> Any:
+            out = plain_outputs(model_(**inputs, **call_kwargs))
+            if out is None:
+                raise PeftcError(f"{type(model_).__name__} returned no tensor")
+            return out
+
+        forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in input_names])
+        self.__dict__["forward"] = forward
+
+
+# inputs a Hugging Face model lets callers omit, and the value it then assumes: (input it is shaped like, fill)
+OPTIONAL_INPUTS = {"attention_mask": ("input_ids", 1), "decoder_attention_mask": ("decoder_input_ids", 1),
+                   "token_type_ids": ("input_ids", 0)}
+
+
+def fill_optional_inputs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Forward pre-hook of a compiled module: an omitted optional input (OPTIONAL_INPUTS) gets the value the
+    model assumes without it (a mask of ones, token types of zeros), so `gm(input_ids=ids)` works as it did
+    on the model. Inputs may come by position or by name."""
+    example: dict[str, torch.Tensor] = getattr(module, "peftc_inputs", {})
+    names = list(example)
+    given = dict(zip(names, args), **kwargs)
+    missing = [n for n in names if n not in given]
+    for name in missing:
+        like, fill = OPTIONAL_INPUTS.get(name, (None, 0))
+        ref = given.get(like) if like else None
+        if isinstance(ref, torch.Tensor) and ref.dim() == example[name].dim():
+            given[name] = torch.full(ref.shape, fill, dtype=example[name].dtype, device=ref.device)
+    if len(given) == len(args) + len(kwargs):
+        return args, kwargs
+    return (), given
+
+
+def add_optional_inputs(gm: fx.GraphModule) -> None:
+    """Let the compiled module be called without its optional inputs (see fill_optional_inputs); kept by
+    copy.deepcopy, which drops forward hooks of a GraphModule otherwise."""
+    gm.register_forward_pre_hook(fill_optional_inputs, with_kwargs=True)
+    if add_optional_inputs not in getattr(gm, "_deepcopy_hooks", []):
+        gm._register_deepcopy_hook(add_optional_inputs)
+
+
+def trace_kwargs(module: nn.Module) -> dict[str, Any]:
+    """The TRACE_KWARGS the module's forward takes by name."""
     try:
-        return torch.export.export(module, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs),
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {k: v for k, v in TRACE_KWARGS.items() if k in params}
+
+
+def is_token_axis(name: str, t: torch.Tensor) -> bool:
+    """Dim 1 of integer (B, S) inputs (ids, masks, positions) and of float (B, S, H) inputs (embeddings)."""
+    return t.dim() == 2 and not t.dtype.is_floating_point or t.dim() == 3 and t.dtype.is_floating_point
+
+
+def axis_names(inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
+    """input -> {axis: name} for the axes that may be dynamic: batch, and the (decoder_)sequence axis."""
+    names: dict[str, dict[int, str]] = {}
+    for name, t in inputs.items():
+        axes: dict[int, str] = {}
+        if t.dim() >= 1:
+            axes[0] = "batch"
+        if is_token_axis(name, t):
+            axes[1] = "decoder_sequence" if name.startswith("decoder_") else "sequence"
+        names[name] = axes
+    return names
+
+
+def dynamic_shapes_for(inputs: dict[str, torch.Tensor], axes: dict[str, dict[int, str]] | None = None
+                       ) -> dict[str, dict[int, Any]]:
+    """torch.export dynamic_shapes: with `axes` (from a first trace), one named Dim per axis name, shared by all
+    axes of that name; without, Dim.AUTO on every candidate axis (torch.export keeps the ones that are dynamic)."""
+    if axes is None:
+        return {n: {i: Dim.AUTO for i in a} for n, a in axis_names(inputs).items()}
+    dims: dict[str, Any] = {}
+    return {n: {i: dims.setdefault(a, Dim(a)) for i, a in axes.get(n, {}).items()} for n in inputs}
+
+
+def dynamic_axes(ep: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
+    """The candidate axes that the trace kept symbolic, with their names."""
+    user = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in inputs]
+    out: dict[str, dict[int, str]] = {}
+    candidates = axis_names(inputs)
+    for node in user:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        out[node.name] = {i: a for i, a in candidates[node.name].items()
+                          if i < val.dim() and not isinstance(val.shape[i], int)}
+    return out
+
+
+def export_program(module: nn.Module, inputs: dict[str, torch.Tensor],
+                   axes: dict[str, dict[int, str]] | None = None) -> torch.export.ExportedProgram:
+    wrapped = _Plain(module, trace_kwargs(module), list(inputs))
+    try:
+        return torch.export.export(wrapped, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs, axes),
                                    strict=False)
     except PeftcError:
         raise
@@ -36,7 +157,9 @@ def export_program(module: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
 
 
 def trace(module: nn.Module, inputs: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """The model as a plain (trainable) fx GraphModule over ATen ops, parameters as get_attr nodes."""
+    """The model as a plain (trainable) fx GraphModule over ATen ops, parameters as get_attr nodes.
+
+    `gm.peftc_axes` records the dynamic axes and their names, for re-exporting (.pt2, ONNX)."""
     ep = export_program(module, inputs)
     unlifted = ep.module()
     gm = fx.GraphModule(unlifted, unlifted.graph)   # a plain GraphModule: .train()/.eval() work
@@ -49,4 +172,5 @@ def trace(module: nn.Module, inputs: dict[str, torch.Tensor]) -> fx.GraphModule:
                 if id(p) not in fresh:
                     fresh[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
                 mod._parameters[name] = fresh[id(p)]
+    gm.peftc_axes = dynamic_axes(ep, inputs)
     return gm

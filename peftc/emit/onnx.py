@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from peftc.atomic import check_file_target, finish_file
 from peftc.errors import PeftcError
@@ -26,6 +27,25 @@ class OnnxCheck:
     max_abs_diff: float
     outputs: int
     input_shapes: dict[str, list[int]]
+
+
+def output_names(gm: fx.GraphModule) -> list[str] | None:
+    """The graph's outputs by name, in flat order: dict keys (`logits`), `output` for a lone tensor, `output_0`,
+    `output_1`, ... for a tuple; nested entries joined with dots (`hidden_states.0`). None if unknown."""
+    spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "out_spec", None)
+    if spec is None:
+        return None
+    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(tree)[0]:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        if not parts:
+            names.append("output")
+        elif isinstance(tree, (tuple, list)):
+            names.append("output_" + ".".join(parts))
+        else:
+            names.append(".".join(parts))
+    return names
 
 
 def flat_outputs(out: Any) -> list[torch.Tensor]:
@@ -84,8 +104,9 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
     try:
         tmp = tmpdir / path.name
         try:
-            prog = torch.onnx.export(gm, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs),
-                                     dynamo=True, external_data=external, verbose=False)
+            prog = torch.onnx.export(gm, (), kwargs=dict(inputs), dynamo=True, external_data=external, verbose=False,
+                                     dynamic_shapes=dynamic_shapes_for(inputs, getattr(gm, "peftc_axes", None)),
+                                     input_names=list(inputs), output_names=output_names(gm))
             prog.save(str(tmp), external_data=external)
         except PeftcError:
             raise

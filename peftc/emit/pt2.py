@@ -16,7 +16,8 @@ def export_graph(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> torch.e
     was_training = gm.training
     gm.eval()
     try:
-        return torch.export.export(gm, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs), strict=False)
+        return torch.export.export(gm, (), kwargs=dict(inputs), strict=False,
+                                   dynamic_shapes=dynamic_shapes_for(inputs, getattr(gm, "peftc_axes", None)))
     except Exception as e:  # noqa: BLE001
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PeftcError(f"re-exporting the adapted graph failed: {type(e).__name__}: {first}") from None
@@ -28,6 +29,6 @@ def save_pt2(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tenso
     path = Path(path)
     inputs = inputs if inputs is not None else gm.peftc_inputs
     ep = export_graph(gm, inputs)
-    with atomic_path(path) as tmp:
-        torch.export.save(ep, str(tmp))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:   # a file object: torch wants names ending in .pt2
+        torch.export.save(ep, f)
     return path
