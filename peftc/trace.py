@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 from torch import fx, nn
 from torch.export import Dim
@@ -118,28 +120,45 @@ def axis_names(inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
     return names
 
 
-def dynamic_shapes_for(inputs: dict[str, torch.Tensor], axes: dict[str, dict[int, str]] | None = None
+@dataclass
+class DynamicAxes:
+    """The dynamic axes a trace found: input -> {axis: name}, and the largest size a name may take (the model's
+    own limits, e.g. BERT's 128 positions)."""
+    names: dict[str, dict[int, str]]
+    max: dict[str, int] = field(default_factory=dict)
+
+
+def dynamic_shapes_for(inputs: dict[str, torch.Tensor], axes: DynamicAxes | None = None
                        ) -> dict[str, dict[int, Any]]:
     """torch.export dynamic_shapes: with `axes` (from a first trace), one named Dim per axis name, shared by all
     axes of that name; without, Dim.AUTO on every candidate axis (torch.export keeps the ones that are dynamic)."""
     if axes is None:
         return {n: {i: Dim.AUTO for i in a} for n, a in axis_names(inputs).items()}
     dims: dict[str, Any] = {}
-    return {n: {i: dims.setdefault(a, Dim(a)) for i, a in axes.get(n, {}).items()} for n in inputs}
+    for name in sorted({a for ax in axes.names.values() for a in ax.values()}):
+        dims[name] = Dim(name, max=axes.max[name]) if name in axes.max else Dim(name)
+    return {n: {i: dims[a] for i, a in axes.names.get(n, {}).items()} for n in inputs}
 
 
-def dynamic_axes(ep: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
-    """The candidate axes that the trace kept symbolic, with their names."""
-    user = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in inputs]
-    out: dict[str, dict[int, str]] = {}
+def dynamic_axes(ep: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor]) -> DynamicAxes:
+    """The candidate axes that the trace kept symbolic, their names and upper bounds."""
     candidates = axis_names(inputs)
-    for node in user:
-        val = node.meta.get("val")
+    axes = DynamicAxes({})
+    for node in ep.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" and node.name in inputs else None
         if not isinstance(val, torch.Tensor):
             continue
-        out[node.name] = {i: a for i, a in candidates[node.name].items()
-                          if i < val.dim() and not isinstance(val.shape[i], int)}
-    return out
+        axes.names[node.name] = {}
+        for i, name in candidates[node.name].items():
+            size = val.shape[i] if i < val.dim() else 0
+            if isinstance(size, int):
+                continue
+            axes.names[node.name][i] = name
+            upper = ep.range_constraints.get(size.node.expr)
+            upper = getattr(upper, "upper", None)
+            if isinstance(upper, sympy.Integer):          # not int_oo
+                axes.max[name] = min(int(upper), axes.max.get(name, int(upper)))
+    return axes
 
 
 def export_program(module: nn.Module, inputs: dict[str, torch.Tensor],

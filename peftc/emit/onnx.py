@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,23 @@ def check_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Ten
     return OnnxCheck(diff, len(want), {k: list(v.shape) for k, v in inputs.items()})
 
 
+def _export(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool) -> Any:
+    """torch.onnx.export with the model's input and output names and named dynamic axes (torch's own axes if
+    the graph cannot take the named ones)."""
+    axes = getattr(gm, "peftc_axes", None)
+    for attempt in ([axes, None] if axes is not None else [None]):
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+                return torch.onnx.export(gm, (), kwargs=dict(inputs), dynamo=True, external_data=external,
+                                         verbose=False, dynamic_shapes=dynamic_shapes_for(inputs, attempt),
+                                         input_names=list(inputs), output_names=output_names(gm))
+        except Exception:  # noqa: BLE001
+            if attempt is None:
+                raise
+    raise AssertionError("unreachable")
+
+
 def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None,
                 *, check: bool = True, tol: float = 1e-4) -> OnnxCheck | None:
     path = Path(path)
@@ -104,9 +122,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
     try:
         tmp = tmpdir / path.name
         try:
-            prog = torch.onnx.export(gm, (), kwargs=dict(inputs), dynamo=True, external_data=external, verbose=False,
-                                     dynamic_shapes=dynamic_shapes_for(inputs, getattr(gm, "peftc_axes", None)),
-                                     input_names=list(inputs), output_names=output_names(gm))
+            prog = _export(gm, inputs, external)
             prog.save(str(tmp), external_data=external)
         except PeftcError:
             raise
