@@ -68,13 +68,20 @@ def _replace_constants(node: fx.Node, old: Any, new: fx.Node) -> None:
                    for k, v in node.kwargs.items()}
 
 
+ANCHOR = "peftc_dtype"   # an empty buffer that `.to()` casts and moves with the parameters
+
+
 def _anchor(gm: fx.GraphModule) -> fx.Node | None:
-    """The first floating-point parameter the graph reads: its dtype and device are the model's."""
-    params = dict(gm.named_parameters())
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and n.target in params and params[n.target].is_floating_point():
-            return n
-    return None
+    """A get_attr of an empty buffer in the dtype and device of the model's first float parameter: it carries
+    the model's run-time dtype and device without reading (and so adapting or densifying) any real weight."""
+    first = next((p for p in gm.parameters() if p.is_floating_point()), None)
+    if first is None:
+        return None
+    if not hasattr(gm, ANCHOR):
+        gm.register_buffer(ANCHOR, torch.empty(0, dtype=first.dtype, device=first.device), persistent=False)
+    body = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(body):
+        return gm.graph.get_attr(ANCHOR)
 
 
 def make_dtype_generic(gm: fx.GraphModule) -> bool:
@@ -83,8 +90,7 @@ def make_dtype_generic(gm: fx.GraphModule) -> bool:
     anchor = _anchor(gm)
     if anchor is None:
         return False
-    trace_dtype = _val(anchor).dtype if _val(anchor) is not None else gm.get_parameter(anchor.target).dtype
-    trace_device = gm.get_parameter(anchor.target).device
+    trace_dtype, trace_device = getattr(gm, ANCHOR).dtype, getattr(gm, ANCHOR).device
     with graph.inserting_after(anchor):
         run_dtype = graph.call_function(getattr, (anchor, "dtype"))
     with graph.inserting_after(run_dtype):
@@ -94,7 +100,7 @@ def make_dtype_generic(gm: fx.GraphModule) -> bool:
     anchored: dict[fx.Node, bool] = {}   # a parameter, a float input or a created tensor feeds it
     changed = False
     for node in list(graph.nodes):
-        if node in (run_dtype, run_device) or node.op == "output":
+        if node in (anchor, run_dtype, run_device) or node.op == "output":
             continue
         fargs = _tensor_args(node)
         anchored[node] = any(anchored.get(a, False) for a in fargs)
@@ -154,11 +160,9 @@ def make_dtype_generic(gm: fx.GraphModule) -> bool:
             kinds = {MODEL}
         fixed = _has_dtype_arg(node, trace_dtype) or not fargs or FIXED in kinds
         kind[node] = FIXED if fixed else MODEL
-    if not changed:
-        graph.erase_node(run_device)
-        graph.erase_node(run_dtype)
-    else:
-        for n in (run_device, run_dtype):
-            if not n.users:
-                graph.erase_node(n)
+    for n in (run_device, run_dtype, anchor):
+        if not n.users:
+            graph.erase_node(n)
+    if not anchor.users:
+        delattr(gm, ANCHOR)
     return changed
