@@ -23,6 +23,7 @@ from peftc.errors import PeftcError
 from peftc.library import library
 from peftc.manifest import Manifest
 from peftc.models import LoadedModel, load_model
+from peftc.optional_inputs import add_optional_inputs
 from peftc.plan import Plan, build_plan
 from peftc.progress import step
 from peftc.rewrite.eliminate_common_subexpressions import eliminate_common_subexpressions
@@ -34,7 +35,7 @@ from peftc.rewrite.insert_adapters import insert_adapters
 from peftc.rewrite.strip_bookkeeping import strip_bookkeeping
 from peftc.spec.model import Spec
 from peftc.spec.parse import parse_spec, read_spec
-from peftc.trace import add_optional_inputs, trace
+from peftc.trace import trace
 
 _PRESERVED = "_user_preserved_attributes"   # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
 PASSES = ("strip", "insert", "fold", "factor", "cse", "fuse", "dce")

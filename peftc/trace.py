@@ -62,37 +62,6 @@ class _Plain(nn.Module):
         self.__dict__["forward"] = forward
 
 
-# inputs a Hugging Face model lets callers omit, and the value it then assumes: (input it is shaped like, fill)
-OPTIONAL_INPUTS = {"attention_mask": ("input_ids", 1), "decoder_attention_mask": ("decoder_input_ids", 1),
-                   "token_type_ids": ("input_ids", 0)}
-
-
-def fill_optional_inputs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    """Forward pre-hook of a compiled module: an omitted optional input (OPTIONAL_INPUTS) gets the value the
-    model assumes without it (a mask of ones, token types of zeros), so `gm(input_ids=ids)` works as it did
-    on the model. Inputs may come by position or by name."""
-    example: dict[str, torch.Tensor] = getattr(module, "peftc_inputs", {})
-    names = list(example)
-    given = dict(zip(names, args), **kwargs)
-    missing = [n for n in names if n not in given]
-    for name in missing:
-        like, fill = OPTIONAL_INPUTS.get(name, (None, 0))
-        ref = given.get(like) if like else None
-        if isinstance(ref, torch.Tensor) and ref.dim() == example[name].dim():
-            given[name] = torch.full(ref.shape, fill, dtype=example[name].dtype, device=ref.device)
-    if len(given) == len(args) + len(kwargs):
-        return args, kwargs
-    return (), given
-
-
-def add_optional_inputs(gm: fx.GraphModule) -> None:
-    """Let the compiled module be called without its optional inputs (see fill_optional_inputs); kept by
-    copy.deepcopy, which drops forward hooks of a GraphModule otherwise."""
-    gm.register_forward_pre_hook(fill_optional_inputs, with_kwargs=True)
-    if add_optional_inputs not in getattr(gm, "_deepcopy_hooks", []):
-        gm._register_deepcopy_hook(add_optional_inputs)
-
-
 def trace_kwargs(module: nn.Module) -> dict[str, Any]:
     """The TRACE_KWARGS the module's forward takes by name."""
     try:
@@ -102,7 +71,7 @@ def trace_kwargs(module: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in TRACE_KWARGS.items() if k in params}
 
 
-def is_token_axis(name: str, t: torch.Tensor) -> bool:
+def is_token_axis(t: torch.Tensor) -> bool:
     """Dim 1 of integer (B, S) inputs (ids, masks, positions) and of float (B, S, H) inputs (embeddings)."""
     return t.dim() == 2 and not t.dtype.is_floating_point or t.dim() == 3 and t.dtype.is_floating_point
 
@@ -114,7 +83,7 @@ def axis_names(inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, str]]:
         axes: dict[int, str] = {}
         if t.dim() >= 1:
             axes[0] = "batch"
-        if is_token_axis(name, t):
+        if is_token_axis(t):
             axes[1] = "decoder_sequence" if name.startswith("decoder_") else "sequence"
         names[name] = axes
     return names
