@@ -54,8 +54,8 @@ def train(steps: int = 30, lr: float = 1e-2, batch: int = 8, seq: int = 32, seed
     opt = torch.optim.AdamW(params, lr=lr)
     losses = []
     for step in range(1, steps + 1):
-        out = gm(input_ids=ids, attention_mask=mask)
-        loss = next_token_loss(out.logits, ids)
+        out = gm(input_ids=ids, attention_mask=mask)      # a dict of tensors: {"logits": ...}
+        loss = next_token_loss(out["logits"], ids)
         opt.zero_grad()
         loss.backward()
         opt.step()

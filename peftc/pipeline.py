@@ -1,6 +1,9 @@
 """The compile pipeline: spec + model -> plan -> traced graph -> passes -> adapted GraphModule.
 
-    insert -> fold -> factor -> cse -> fuse -> dce
+    strip -> insert -> fold -> factor -> cse -> fuse -> dce
+
+`strip` first removes torch.export's bookkeeping (metadata asserts, identity casts) and makes the graph follow
+its parameters' dtype, so every later pass (and `--dump-after`) sees the model's own computation.
 
 `fold` runs before `factor` (the design sketch has them the other way round): folding first turns every
 merged transform into a constant, so the factoring rules only ever see live adapters and need no
@@ -8,6 +11,7 @@ merged transform into a constant, so the factoring rules only ever see live adap
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ from peftc.errors import PeftcError
 from peftc.library import Library, library
 from peftc.manifest import Manifest
 from peftc.models import LoadedModel, load_model
+from peftc.optional_inputs import add_optional_inputs
 from peftc.plan import Plan, build_plan, resolve_adapter
 from peftc.progress import step
 from peftc.rewrite.eliminate_common_subexpressions import eliminate_common_subexpressions
@@ -29,11 +34,13 @@ from peftc.rewrite.factor import factor
 from peftc.rewrite.fold_frozen import fold_frozen
 from peftc.rewrite.fuse_shared_input import fuse_shared_input
 from peftc.rewrite.insert_adapters import insert_adapters
+from peftc.rewrite.strip_bookkeeping import strip_bookkeeping
 from peftc.spec.model import Spec
 from peftc.spec.parse import parse_spec, read_spec
 from peftc.trace import trace
 
-PASSES = ("insert", "fold", "factor", "cse", "fuse", "dce")
+_PRESERVED = "_user_preserved_attributes"   # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
+PASSES = ("strip", "insert", "fold", "factor", "cse", "fuse", "dce")
 
 
 @dataclass
@@ -47,13 +54,19 @@ class Compiled:
     dense_layers: list[str] = field(default_factory=list)   # live adapters no rule could factor
 
 
+_SPEC_SYNTAX = re.compile(r"[\n{}()#=]|^\s*(adapter|active)\b")
+
+
 def load_spec(spec: str | Path | Spec) -> Spec:
-    """A Spec from a path to a .peft file, spec text (containing 'adapter'), or a Spec."""
+    """A Spec from a Path, a string (spec text, or a path to a .peft file), or a Spec.
+
+    A string is spec text when it has a newline, spec syntax (`{ } ( ) # =`) or starts with `adapter` /
+    `active`; otherwise it is a file name. Text is never taken for a path (nor a path for text)."""
     if isinstance(spec, Spec):
         return spec
-    if isinstance(spec, Path) or (isinstance(spec, str) and "\n" not in spec and spec.endswith(".peft")):
+    if isinstance(spec, Path):
         return read_spec(spec)
-    if isinstance(spec, str) and "adapter" in spec:
+    if _SPEC_SYNTAX.search(spec) and not spec.endswith(".peft") or "\n" in spec:
         return parse_spec(spec, "<spec>")
     return read_spec(spec)
 
@@ -88,6 +101,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
     rule_log: list[str] = []
     rule_hits: Counter = Counter()
     passes = {
+        "strip": strip_bookkeeping(),
         "insert": insert_adapters(plan, manifest),
         "fold": fold_frozen(manifest),
         "factor": factor(library().checked().rules, rule_log, rule_hits),
@@ -104,6 +118,10 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
     gm.peftc = manifest
     gm.peftc_inputs = dict(loaded.inputs)
     gm.peftc_layer_kinds = {name: layer.kind for name, layer in plan.layers.items()}
+    # copy.deepcopy(gm) keeps these (a GraphModule's copy keeps only its graph and tensors otherwise)
+    gm.meta.setdefault(_PRESERVED, {}).update({k: getattr(gm, k) for k in
+                                               ("peftc", "peftc_inputs", "peftc_axes", "peftc_layer_kinds")})
+    add_optional_inputs(gm)
     gm.train(train)
     return Compiled(gm, plan, loaded, rule_log=rule_log, rule_hits=rule_hits, dense_layers=dense)
 

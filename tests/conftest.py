@@ -115,7 +115,7 @@ def logits_of(out):
     if hasattr(out, "logits"):
         return out.logits
     if isinstance(out, dict):
-        return next(iter(out.values()))
+        return out["logits"] if "logits" in out else next(iter(out.values()))
     if isinstance(out, (tuple, list)):
         return logits_of(out[0])
     raise TypeError(type(out))

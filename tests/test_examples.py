@@ -33,7 +33,7 @@ def load_example(name: str):
 
 
 def logits(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.logits
+    return out if isinstance(out, torch.Tensor) else out["logits"] if isinstance(out, dict) else out.logits
 
 
 def test_examples_exist():

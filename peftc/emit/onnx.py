@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from peftc.atomic import check_file_target, finish_file
 from peftc.errors import PeftcError
@@ -28,6 +30,25 @@ class OnnxCheck:
     max_abs_diff: float
     outputs: int
     input_shapes: dict[str, list[int]]
+
+
+def output_names(gm: fx.GraphModule) -> list[str] | None:
+    """The graph's outputs by name, in flat order: dict keys (`logits`), `output` for a lone tensor, `output_0`,
+    `output_1`, ... for a tuple; nested entries joined with dots (`hidden_states.0`). None if unknown."""
+    spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "out_spec", None)
+    if spec is None:
+        return None
+    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(tree)[0]:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        if not parts:
+            names.append("output")
+        elif isinstance(tree, (tuple, list)):
+            names.append("output_" + ".".join(parts))
+        else:
+            names.append(".".join(parts))
+    return names
 
 
 def flat_outputs(out: Any) -> list[torch.Tensor]:
@@ -74,6 +95,23 @@ def check_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Ten
     return OnnxCheck(diff, len(want), {k: list(v.shape) for k, v in inputs.items()})
 
 
+def _export(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool) -> Any:
+    """torch.onnx.export with the model's input and output names and named dynamic axes (torch's own axes if
+    the graph cannot take the named ones)."""
+    axes = getattr(gm, "peftc_axes", None)
+    for attempt in ([axes, None] if axes is not None else [None]):
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+                return torch.onnx.export(gm, (), kwargs=dict(inputs), dynamo=True, external_data=external,
+                                         verbose=False, dynamic_shapes=dynamic_shapes_for(inputs, attempt),
+                                         input_names=list(inputs), output_names=output_names(gm))
+        except Exception:  # noqa: BLE001
+            if attempt is None:
+                raise
+    raise AssertionError("unreachable")
+
+
 def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None,
                 *, check: bool = True, tol: float = 1e-4) -> OnnxCheck | None:
     path = Path(path)
@@ -91,8 +129,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
         tmp = tmpdir / path.name
         try:
             with step("Exporting to ONNX (torch.onnx, dynamo)"), quiet_libraries():
-                prog = torch.onnx.export(gm, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs),
-                                         dynamo=True, external_data=external, verbose=False)
+                prog = _export(gm, inputs, external)
             with step("Writing .onnx"), quiet_libraries():
                 prog.save(str(tmp), external_data=external)
         except PeftcError:

@@ -17,10 +17,17 @@ def export_graph(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> torch.e
     """Re-export the rewritten graph (inference mode) with the same dynamic axes."""
     was_training = gm.training
     gm.eval()
+    axes = getattr(gm, "peftc_axes", None)
     try:
         with quiet_libraries():
-            return torch.export.export(gm, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs),
-                                       strict=False)
+            try:
+                return torch.export.export(gm, (), kwargs=dict(inputs), strict=False,
+                                           dynamic_shapes=dynamic_shapes_for(inputs, axes))
+            except Exception:  # noqa: BLE001 - named axes the graph cannot take: torch's own choice (Dim.AUTO)
+                if axes is None:
+                    raise
+                return torch.export.export(gm, (), kwargs=dict(inputs), strict=False,
+                                           dynamic_shapes=dynamic_shapes_for(inputs))
     except Exception as e:  # noqa: BLE001
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PeftcError(f"re-exporting the adapted graph failed: {type(e).__name__}: {first}") from None
