@@ -166,6 +166,14 @@ def _summary(plan: Plan) -> str:
     return f"{_plural(n, 'adapter')} on {_plural(n_layers, 'layer')} ({_states(plan)})"
 
 
+def _training_notes(plan: Plan, quiet: bool) -> None:
+    """What training through peftc leaves out for a method (training-loop machinery such as AdaLoRA's rank
+    allocator), as its method file declares: said by `check` and by `compile --train`."""
+    for name, ap in plan.adapters.items():
+        if ap.method.training_note and ap.active and not ap.merge:
+            _note(quiet, f"note: adapter '{name}' ({ap.method.name}): {ap.method.training_note}")
+
+
 def _warnings(plan: Plan) -> None:
     for w in plan.warnings:
         _warn(w)
@@ -212,6 +220,7 @@ def _run(args: argparse.Namespace) -> int:
         _warnings(plan)
         if args.cmd == "check":
             from peftc.report import check_report
+            _training_notes(plan, args.quiet)
             _result(check_report(plan, loaded.module))
             _result("ok: no errors")
             return 0
@@ -228,6 +237,8 @@ def _run(args: argparse.Namespace) -> int:
     t_compile = time.perf_counter() - t0
     gm = compiled.gm
     _warnings(compiled.plan)
+    if getattr(args, "train", False):
+        _training_notes(compiled.plan, args.quiet)
     if compiled.dense_layers:
         dense = compiled.dense_layers
         names = ", ".join(dense[:3]) + (", ..." if len(dense) > 3 else "")

@@ -241,6 +241,11 @@ def draw_cat(init: Init, shape: tuple[int, ...], count: int, dim: int) -> torch.
     return torch.cat([draw(init, shape) for _ in range(int(count))], dim=int(dim))
 
 
+def ternary(u: torch.Tensor, t: float) -> torch.Tensor:
+    """-1 where u < t, +1 where u > 1 - t, else 0 (uniform draws made into a sparse random projection)."""
+    return (u > 1 - t).to(u.dtype) - (u < t).to(u.dtype)
+
+
 def unit_std(v: torch.Tensor) -> torch.Tensor:
     """v divided by its standard deviation (in v's dtype)."""
     return v / v.std()
@@ -359,6 +364,7 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("draw", draw, plan_only=True),
     Op("draw_cat", draw_cat, plan_only=True),
     Op("unit_std", unit_std),
+    Op("ternary", ternary),
     Op("softmax", softmax),
 ]}
 

@@ -141,6 +141,11 @@ CASES = [
                                                                        projection_prng_key=5,
                                                                        target_modules=["up_proj", "down_proj"]),
          'randlora(r = 16, save_projection = false, init = "random") { targets up_proj, down_proj }'),
+    Case("llama-randlora-sparse", "llama", lambda: peft.RandLoraConfig(r=8, sparse=True, save_projection=False,
+                                                                       target_modules=["q_proj", "down_proj"])),
+    Case("llama-randlora-very-sparse", "llama", lambda: peft.RandLoraConfig(r=8, very_sparse=True,
+                                                                            projection_prng_key=2,
+                                                                            target_modules=["up_proj"])),
     Case("gpt2-randlora", "gpt2", lambda: peft.RandLoraConfig(r=8, randlora_alpha=16, target_modules=["c_attn", "c_fc"],
                                                               fan_in_fan_out=True)),
     # ---- an encoder with a classification head (SEQ_CLS saves the head too)
@@ -337,12 +342,11 @@ def test_bad_checkpoint_is_a_located_error(kind, tmp_path):
 
 
 @pytest.mark.parametrize("config, edit, message", [
-    (lambda: peft.RandLoraConfig(r=8, target_modules=["q_proj"]), {"sparse": True}, "sparse / very_sparse"),
     (lambda: peft.VBLoRAConfig(r=2, num_vectors=8, vector_length=16, target_modules=["q_proj"]),
      {"vector_length": 24}, "vector_length must divide"),
     (lambda: peft.ShiraConfig(r=2, target_modules=["q_proj"]), {"mask_type": "custom"}, "only mask_type"),
     (lambda: peft.C3AConfig(block_size=16, target_modules=["q_proj"]), {"block_size": 0}, "block_size must be"),
-], ids=["randlora-sparse", "vblora-vector-length", "shira-custom-mask", "c3a-block-size"])
+], ids=["vblora-vector-length", "shira-custom-mask", "c3a-block-size"])
 def test_unsupported_options_are_refused(config, edit, message, tmp_path):
     _, _, d = peft_adapter("llama", config(), tmp_path)
     bad = _tamper(d, tmp_path / "bad", lambda sd, cfg: (sd, {**cfg, **edit}))
@@ -385,6 +389,36 @@ def test_training_note_and_refusals():
                    "{ targets q_proj }", "llama")
     from peftc.library import library
     assert "rank allocator" in library().method("adalora").training_note
+
+
+def test_cli_says_what_training_leaves_out(tmp_path):
+    import subprocess
+    import sys
+    spec = tmp_path / "ada.peft"
+    spec.write_text("adapter a: adalora(init_r = 4, total_step = 10) { targets q_proj }\n")
+    r = subprocess.run([sys.executable, "-m", "peftc.cli", "check", str(spec), "tiny-llama"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert "note: adapter 'a' (adalora): AdaLoRA's rank allocator" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "peftc.cli", "compile", str(spec), "tiny-llama", "--train", "-o",
+                        str(tmp_path / "m.pt2")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "rank allocator" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "peftc.cli", "compile", str(spec), "tiny-llama", "-o",
+                        str(tmp_path / "m2.pt2")], capture_output=True, text=True)
+    assert "rank allocator" not in r.stderr
+
+
+def test_fft_updates_reach_onnx_folded(tmp_path):
+    """A live FourierFT adapter's inverse FFT is computed before export: no DFT runs in onnxruntime (its DFT
+    drifts from torch's FFT as `scaling` grows), and the unmerged export matches torch at peft's default scaling."""
+    import onnx
+    gm = _compile("adapter a: fourierft(n_frequency = 50) { targets lin0, lin1 }", "token-mlp")
+    result = peftc.export_onnx(gm, tmp_path / "m.onnx")
+    assert result.max_abs_diff <= 1e-4
+    ops = {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
+    assert "DFT" not in ops
+    assert any(p.requires_grad for p in gm.parameters())   # the module itself is untouched: still trainable
 
 
 def test_pruned_adalora_checkpoint(tmp_path):

@@ -16,6 +16,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from peftc.atomic import check_file_target, finish_file
+from peftc.emit.fold_for_export import fold_for_export
 from peftc.errors import PeftcError
 from peftc.models import fresh_like
 from peftc.progress import step
@@ -129,7 +130,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
         tmp = tmpdir / path.name
         try:
             with step("Exporting to ONNX (torch.onnx, dynamo)"), quiet_libraries():
-                prog = _export(gm, inputs, external)
+                prog = _export(fold_for_export(gm), inputs, external)
             with step("Writing .onnx"), quiet_libraries():
                 prog.save(str(tmp), external_data=external)
         except PeftcError:
