@@ -59,6 +59,7 @@ CONFIGS = {
     "vblora": (lambda: peft.VBLoRAConfig(r=4, num_vectors=64, vector_length=64, topk=2, target_modules=TARGETS),
                "vblora"),
     "randlora": (lambda: peft.RandLoraConfig(r=32, target_modules=TARGETS), "randlora"),
+    "waveft": (lambda: peft.WaveFTConfig(n_frequency=2592, target_modules=TARGETS, init_weights=False), "waveft"),
 }
 
 

@@ -122,15 +122,6 @@ def softmax(v: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.softmax(v, dim)
 
 
-def sparse_linear(x: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                  like: torch.Tensor) -> torch.Tensor:
-    """linear(x, scatter2d(values, rows, cols, like)) without the dense matrix: gather the inputs each value
-    reads, scale, and add them into their output features."""
-    contrib = torch.index_select(x, -1, cols.long()) * values.to(x.dtype)
-    out = torch.zeros(*x.shape[:-1], like.shape[0], dtype=x.dtype, device=x.device)
-    return torch.index_add(out, -1, rows.long(), contrib)
-
-
 def _wavelet_filters(family: str) -> tuple[list[float], list[float]]:
     """Reconstruction low- and high-pass filters of a wavelet family, from PyWavelets."""
     try:
@@ -344,7 +335,6 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("fold_cols", fold_cols),
     Op("kron_linear", kron_linear),
     Op("block_circulant", block_circulant),
-    Op("sparse_linear", sparse_linear),
     Op("idwt2", idwt2),
     Op("pad2", pad2),
     Op("eye", eye),

@@ -289,7 +289,6 @@ EXPECTED_RULES = {   # the cheap unmerged form of each method: the rules that mu
     "delora": {"low_rank", "row_scale", "column_scale"},
     "lokr": {"kron_apply"},
     "miss": {"tiled_cols"},
-    "shira": {"sparse"},
     "vblora": {"low_rank"},
 }
 
