@@ -34,13 +34,14 @@ from peftc.rewrite.factor import factor
 from peftc.rewrite.fold_frozen import fold_frozen
 from peftc.rewrite.fuse_shared_input import fuse_shared_input
 from peftc.rewrite.insert_adapters import insert_adapters
+from peftc.rewrite.rejoin_dense import rejoin_dense
 from peftc.rewrite.strip_bookkeeping import strip_bookkeeping
 from peftc.spec.model import Spec
 from peftc.spec.parse import parse_spec, read_spec
 from peftc.trace import trace
 
 _PRESERVED = "_user_preserved_attributes"   # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
-PASSES = ("strip", "insert", "fold", "factor", "cse", "fuse", "dce")
+PASSES = ("strip", "insert", "fold", "factor", "rejoin", "cse", "fuse", "dce")
 
 
 @dataclass
@@ -105,6 +106,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         "insert": insert_adapters(plan, manifest),
         "fold": fold_frozen(manifest),
         "factor": factor(library().checked().rules, rule_log, rule_hits),
+        "rejoin": rejoin_dense(),
         "cse": eliminate_common_subexpressions(),
         "fuse": fuse_shared_input(manifest),
         "dce": eliminate_dead_code(manifest),

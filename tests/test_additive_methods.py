@@ -460,3 +460,17 @@ def test_no_dense_rebuild_unless_declared(method):
     declared = library().method(method.split("-")[0]).dense_note
     if not declared:
         assert c.dense_layers == [], c.dense_layers
+
+
+@pytest.mark.parametrize("method", ["loha", "fourierft", "c3a", "shira", "waveft", "miss-bat"])
+def test_dense_updates_rejoin_the_base_matmul(method):
+    """An update no rule can factor is added to W and the layer runs one matmul, as peft's forward does,
+    not two (the pass `rejoin`); the result is unchanged."""
+    from peftc.rewrite.graph_tools import RULE
+    gm = _compile(f"adapter a: {ONNX_METHODS[method]} {{ targets lin0, lin1 }}", "token-mlp")
+    linears = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(linears) == 2
+    assert any(n.meta.get(RULE) == "rejoin_dense" for n in gm.graph.nodes)
+    merged = _compile(f"adapter a: {ONNX_METHODS[method]} {{ targets lin0, lin1 }}", "token-mlp", merge=True)
+    x = _inputs("token-mlp")
+    assert max_diff(run_logits(gm, x), run_logits(merged, x)) <= TOL
