@@ -31,6 +31,7 @@ IA3_TYPES = ("linear",)
 _LORA_KEY = re.compile(r"^(?P<layer>.+)\.(?P<which>lora_A|lora_B)\.weight$")
 _EMB_KEY = re.compile(r"^(?P<layer>.+)\.(?P<which>lora_embedding_A|lora_embedding_B)$")
 _IA3_KEY = re.compile(r"^(?P<layer>.+)\.ia3_l$")
+_BASE_KEY = re.compile(r"^.+\.base_layer\.weight$")  # a saved embedding layer (peft's save_embedding_layers)
 # LoRA config keys whose non-default value makes the checkpoint more than plain A/B factors
 _NOT_PLAIN = {"use_dora": False, "lora_bias": False, "layer_replication": None, "target_parameters": None,
               "trainable_token_indices": None, "use_qalora": False, "alora_invocation_tokens": None,
@@ -169,6 +170,7 @@ class _Adapter:
     file: Path
     layers: dict[str, dict[str, torch.Tensor]]  # layer -> {"A"/"B" or "l": tensor}
     embedding: set[str]
+    base: dict[str, torch.Tensor]               # saved base-layer weights, by key
 
     @property
     def cfg_file(self) -> str:
@@ -185,8 +187,12 @@ def _read(directory: str | Path) -> _Adapter:
                          "combines LORA (or IA3) checkpoints")
     layers: dict[str, dict[str, torch.Tensor]] = {}
     embedding: set[str] = set()
+    base: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else None
+        if name is not None and _BASE_KEY.match(name):
+            base[key] = t
+            continue
         m = None
         if name is not None:
             m = (_LORA_KEY.match(name) or _EMB_KEY.match(name)) if peft_type == "LORA" else _IA3_KEY.match(name)
@@ -209,7 +215,7 @@ def _read(directory: str | Path) -> _Adapter:
                                  f"{ab['B'].shape[1]}")
     if not layers:
         raise PeftcError(f"{file}: no adapter tensors")
-    return _Adapter(d, cfg, file, layers, embedding)
+    return _Adapter(d, cfg, file, layers, embedding, base)
 
 
 def _scaling(ad: _Adapter, layer: str, rank: int) -> float:
@@ -280,8 +286,11 @@ def combine_checkpoints(dirs: Sequence[str | Path], opts: Options) -> Combined:
             raise PeftcError(f"{a.cfg_file}: modules_to_save = {a.config['modules_to_save']!r}: "
                              "`peftc combine` does not combine modules_to_save copies yet")
     targets = _new_targets(ads)
+    base = _base_weights(ads)
     if peft_type == "IA3":
-        return _combine_ia3(ads, opts, targets)
+        done = _combine_ia3(ads, opts, targets)
+        done.tensors.update(base)
+        return done
     for a in ads:
         for key, default in _NOT_PLAIN.items():
             v = a.config.get(key, default)
@@ -321,12 +330,28 @@ def combine_checkpoints(dirs: Sequence[str | Path], opts: Options) -> Combined:
             out[f"{PREFIX}{layer}.lora_embedding_A"], out[f"{PREFIX}{layer}.lora_embedding_B"] = a_new, b_new
         else:
             out[f"{PREFIX}{layer}.lora_A.weight"], out[f"{PREFIX}{layer}.lora_B.weight"] = a_new, b_new
+    out.update(base)
     config = dict(ads[0].config)
     config.update(r=new_rank, lora_alpha=new_rank, target_modules=targets, alpha_pattern={}, rank_pattern={})
     notes = []
     if used != opts.type:
         notes.append(f"one adapter: combined with type 'linear' (as peft does), not {opts.type!r}")
     return Combined(config, out, len(layers), new_rank, used, notes)
+
+
+def _base_weights(ads: list[_Adapter]) -> dict[str, torch.Tensor]:
+    """Embedding weights that peft saved with an adapter: carried over, if every adapter that has one agrees
+    (peft's combined adapter runs on one base layer, whichever was loaded last)."""
+    out: dict[str, torch.Tensor] = {}
+    owner: dict[str, _Adapter] = {}
+    for a in ads:
+        for key, t in a.base.items():
+            if key in out and not (out[key].shape == t.shape and torch.equal(out[key], t)):
+                raise PeftcError(f"{a.file}: tensor '{key}' (a saved base layer) differs from the one in "
+                                 f"{owner[key].file}; the adapters were trained on different base weights")
+            out.setdefault(key, t)
+            owner.setdefault(key, a)
+    return out
 
 
 def _check_layer(ads: list[_Adapter], factors: list[LoraFactors | None], layer: str, how: str, new_rank: int,

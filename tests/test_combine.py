@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHANGED, TOL, inputs_for, llama, lora, max_diff, peft_adapter, run_logits
+from conftest import CHANGED, MODELS, TOL, inputs_for, lora, max_diff, randomize_, run_logits
 from safetensors.torch import load_file
 
 import peftc.cli
@@ -40,12 +40,25 @@ def ads(tmp_path_factory) -> dict[str, Path]:
         "ia3_b": (IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"],
                             init_ia3_weights=False), 6),
         "loha": (LoHaConfig(target_modules=["q_proj"], r=4, init_weights=False), 7),
+        "emb_a": (lora(target_modules=["embed_tokens", "v_proj"]), 8),
+        "emb_b": (lora(target_modules=["embed_tokens", "v_proj"], r=2), 9),
+        "gpt2_a": (lora(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 10),
+        "gpt2_b": (lora(target_modules=["c_attn"], r=6, fan_in_fan_out=True), 11),
     }
-    out = {}
-    for name, (cfg, seed) in configs.items():
-        _, _, d = peft_adapter("llama", cfg, tmp_path_factory.mktemp(name), seed=seed)
-        out[name] = d
-    return out
+    return {name: _adapter(cfg, tmp_path_factory.mktemp(name), seed, "gpt2" if name.startswith("gpt2") else "llama")
+            for name, (cfg, seed) in configs.items()}
+
+
+def _adapter(config, tmp: Path, seed: int, model: str = "llama") -> Path:
+    """conftest's peft_adapter, but with the initial adapter weights drawn from `seed` too: adapters made
+    with one init differ only by small noise and agree in sign almost everywhere (ties would not be tested)."""
+    from peft import get_peft_model
+    base = MODELS[model]()
+    torch.manual_seed(100 + seed)
+    pm = get_peft_model(base, config).eval()
+    randomize_(pm, seed)
+    pm.save_pretrained(str(tmp / "adapter"))
+    return tmp / "adapter"
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +66,14 @@ def x() -> dict[str, torch.Tensor]:
     return inputs_for("llama")
 
 
+def _model_of(d: Path) -> str:
+    return "gpt2" if "gpt2" in str(d) else "llama"
+
+
 def _peft_combined(dirs: list[Path], weights: list[float], **kw):
     """peft's own combination: every adapter loaded into one PeftModel, then add_weighted_adapter."""
     from peft import PeftModel
-    pm = PeftModel.from_pretrained(llama(), str(dirs[0]), adapter_name="ad0")
+    pm = PeftModel.from_pretrained(MODELS[_model_of(dirs[0])](), str(dirs[0]), adapter_name="ad0")
     for i, d in enumerate(dirs[1:], 1):
         pm.load_adapter(str(d), adapter_name=f"ad{i}")
     pm.add_weighted_adapter([f"ad{i}" for i in range(len(dirs))], weights, "mix", **kw)
@@ -64,16 +81,16 @@ def _peft_combined(dirs: list[Path], weights: list[float], **kw):
     return pm.eval()
 
 
-def _peft_load(d: Path):
+def _peft_load(d: Path, model: str = "llama"):
     from peft import PeftModel
-    return PeftModel.from_pretrained(llama(), str(d)).eval()
+    return PeftModel.from_pretrained(MODELS[model](), str(d)).eval()
 
 
 def _deltas(pm, adapter: str) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
     with torch.no_grad():
         return {n: m.get_delta_weight(adapter) for n, m in pm.named_modules()
-                if isinstance(m, LoraLayer) and adapter in m.lora_A}
+                if isinstance(m, LoraLayer) and (adapter in m.lora_A or adapter in m.lora_embedding_A)}
 
 
 def _combine(dirs: list[Path], out: Path, *opts: str) -> int:
@@ -96,19 +113,27 @@ CASES = [  # id, adapters, peft kwargs
     ("magnitude_prune_svd", "b,c", {"combination_type": "magnitude_prune_svd", "density": 0.6, "svd_rank": 5}),
     ("dare-density-1", "a,b", {"combination_type": "dare_ties", "density": 1.0}),
     ("regex-targets-cat", "regex,regex", {"combination_type": "cat"}),
+    ("embedding-linear", "emb_a,emb_a", {"combination_type": "linear"}),
+    ("embedding-cat", "emb_a,emb_b", {"combination_type": "cat"}),
+    ("embedding-svd-clamp", "emb_a,emb_b", {"combination_type": "svd", "svd_clamp": 0.8}),
+    ("embedding-ties_svd", "emb_a,emb_b", {"combination_type": "ties_svd", "density": 0.5}),
+    ("conv1d-svd-clamp", "gpt2_a,gpt2_b", {"combination_type": "svd", "svd_clamp": 0.95}),
+    ("conv1d-cat", "gpt2_a,gpt2_b", {"combination_type": "cat"}),
+    ("conv1d-magnitude_prune_svd", "gpt2_a,gpt2_b", {"combination_type": "magnitude_prune_svd", "density": 0.4}),
 ]
 _FLAGS = {"combination_type": "--type", "density": "--density", "majority_sign_method": "--majority-sign-method",
           "svd_rank": "--svd-rank", "svd_clamp": "--svd-clamp"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_combination_matches_peft(case, ads, x, tmp_path):
+def test_combination_matches_peft(case, ads, tmp_path):
     _, names, kw = case
     dirs = [ads[n] for n in names.split(",")]
+    x = inputs_for(_model_of(dirs[0]))
     weights = [0.7, -0.4, 1.3][: len(dirs)]
     flags = [s for k, v in kw.items() for s in (_FLAGS[k], str(v))]
     assert _combine(dirs, tmp_path / "mix", "--weights", _weights(weights), *flags) == 0
-    ours = _peft_load(tmp_path / "mix")
+    ours = _peft_load(tmp_path / "mix", _model_of(dirs[0]))
     theirs = _peft_combined(dirs, weights, **kw)
     d_ours, d_theirs = _deltas(ours, "default"), _deltas(theirs, "mix")
     assert d_ours.keys() == d_theirs.keys() and d_ours
