@@ -298,3 +298,16 @@ def test_inputs_unchanged_and_result_printed(ads, tmp_path, capsys):
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
+
+
+def test_saved_embedding_layers_must_agree(ads, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((ads["emb_b"] / "adapter_config.json").read_text())
+    t = _tensors(ads["emb_b"])
+    key = next(k for k in t if k.endswith("base_layer.weight"))
+    t[key] = t[key] + 1
+    from safetensors.torch import save_file
+    save_file(t, str(bad / "adapter_model.safetensors"))
+    code = _combine([ads["emb_a"], bad], tmp_path / "o", "--weights", "1,1", "--type", "cat")
+    _fails(capsys, code, tmp_path / "o", str(bad / "adapter_model.safetensors"), key, "differs")
