@@ -42,6 +42,8 @@ def ads(tmp_path_factory) -> dict[str, Path]:
         "loha": (LoHaConfig(target_modules=["q_proj"], r=4, init_weights=False), 7),
         "emb_a": (lora(target_modules=["embed_tokens", "v_proj"]), 8),
         "emb_b": (lora(target_modules=["embed_tokens", "v_proj"], r=2), 9),
+        "q_a": (lora(target_modules=["q_proj"]), 12),
+        "q_b": (lora(target_modules=["q_proj"], lora_alpha=32), 13),
         "gpt2_a": (lora(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 10),
         "gpt2_b": (lora(target_modules=["c_attn"], r=6, fan_in_fan_out=True), 11),
     }
@@ -173,6 +175,32 @@ def test_dare_is_seeded(type_, ads, tmp_path):
     assert runs["one"].keys() == runs["again"].keys()
     assert all(torch.equal(runs["one"][k], runs["again"][k]) for k in runs["one"])
     assert any(not torch.equal(runs["one"][k], runs["other"][k]) for k in runs["one"])
+
+
+@pytest.mark.parametrize("type_", ["dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"])
+def test_dare_matches_peft_given_the_same_draws(type_, ads, monkeypatch, tmp_path):
+    """peft draws DARE's masks from torch's global generator in its module order; peftc from a generator
+    seeded by --seed in layer-name order. On adapters of one layer per block the two orders agree, so peft
+    made to draw from the same seeded generator must give peftc's checkpoint exactly."""
+    import peft.utils.merge_utils as mu
+    gen = torch.Generator().manual_seed(5)
+
+    def random_pruning(tensor, density, rescale):
+        kept = tensor * torch.bernoulli(torch.full_like(tensor, density), generator=gen)
+        return kept / density if rescale else kept
+
+    monkeypatch.setattr(mu, "random_pruning", random_pruning)
+    dirs, weights = [ads["q_a"], ads["q_b"]], [0.6, -0.9]
+    assert _combine(dirs, tmp_path / "mix", "--weights", _weights(weights), "--type", type_, "--density", "0.4",
+                    "--seed", "5") == 0
+    ours = _peft_load(tmp_path / "mix")
+    theirs = _peft_combined(dirs, weights, combination_type=type_, density=0.4)
+    d_ours, d_theirs = _deltas(ours, "default"), _deltas(theirs, "mix")
+    assert list(d_ours) == list(d_theirs) and len(d_ours) == 2
+    for layer in d_ours:
+        assert max_diff(d_ours[layer], d_theirs[layer]) <= TOL, layer
+    x = inputs_for("llama")
+    assert max_diff(run_logits(ours, x), run_logits(theirs, x)) <= TOL
 
 
 def test_dare_keeps_the_density_fraction_and_rescales(ads, tmp_path):
