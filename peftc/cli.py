@@ -197,15 +197,26 @@ def _warnings(plan: Plan) -> None:
 
 
 def _weights(text: str) -> list[float]:
+    import math
     try:
-        return [float(w) for w in text.split(",")]
+        weights = [float(w) for w in text.split(",")]
     except ValueError:
         raise PeftcError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.7,0.3") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise PeftcError(f"--weights {text!r}: every weight must be a finite number")
+    return weights
 
 
 def _combine(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from peftc.combine import TYPES, Options
     weights = _weights(args.weights)
+    out = Path(args.output).resolve()
+    for d in args.adapters:
+        if Path(d).resolve() == out:
+            raise PeftcError(f"output {args.output} is one of the input checkpoints ({d}); inputs are never "
+                             "overwritten: give another folder")
     if args.type not in TYPES:
         from peftc.errors import did_you_mean
         raise PeftcError(f"--type {args.type!r}: unknown combination type{did_you_mean(args.type, TYPES)}; "

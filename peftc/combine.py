@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +280,7 @@ def combine_checkpoints(dirs: Sequence[str | Path], opts: Options) -> Combined:
         raise PeftcError(f"cannot combine adapters of different methods ({shown})")
     peft_type = ads[0].config["peft_type"]
     used = _check_options(opts, len(ads), peft_type)
-    opts = Options(**{**opts.__dict__, "type": used})
+    opts = replace(opts, type=used)
     for a in ads:
         if a.config.get("modules_to_save"):
             raise PeftcError(f"{a.cfg_file}: modules_to_save = {a.config['modules_to_save']!r}: "

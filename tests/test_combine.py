@@ -107,6 +107,7 @@ CASES = [  # id, adapters, peft kwargs
     ("linear", "a,b", {"combination_type": "linear"}),
     ("cat", "a,b,c", {"combination_type": "cat"}),
     ("svd", "a,b,c", {"combination_type": "svd"}),
+    ("svd-rslora-first", "c,a", {"combination_type": "svd"}),
     ("svd-rank-clamp", "a,c", {"combination_type": "svd", "svd_rank": 3, "svd_clamp": 0.9}),
     ("ties", "a,b", {"combination_type": "ties", "density": 0.5}),
     ("ties-frequency", "a,b", {"combination_type": "ties", "density": 0.3, "majority_sign_method": "frequency"}),
@@ -299,6 +300,7 @@ def test_foreign_tensor_is_named(ads, tmp_path, capsys):
 @pytest.mark.parametrize("opts, expect", [
     (["--weights", "1", "--type", "linear"], "1 value(s) for 2 adapter(s)"),
     (["--weights", "1,x", "--type", "linear"], "comma-separated numbers"),
+    (["--weights", "1,nan", "--type", "linear"], "finite"),
     (["--weights", "1,1", "--type", "liner"], "did you mean 'linear'"),
     (["--weights", "1,1", "--type", "ties"], "needs --density"),
     (["--weights", "1,1", "--type", "ties", "--density", "1.5"], "(0, 1]"),
@@ -311,6 +313,29 @@ def test_foreign_tensor_is_named(ads, tmp_path, capsys):
 def test_bad_options(opts, expect, ads, tmp_path, capsys):
     code = _combine([ads["a"], ads["b"]], tmp_path / "o", *opts)
     _fails(capsys, code, tmp_path / "o", expect)
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("use_dora", True, "use_dora = True"),
+    ("modules_to_save", ["lm_head"], "modules_to_save"),
+    ("bias", "all", "bias = 'all'"),
+    ("target_modules", None, "target_modules"),
+])
+def test_unsupported_configs_are_named(key, value, expect, ads, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    cfg = json.loads((ads["a"] / "adapter_config.json").read_text())
+    cfg[key] = value
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    (bad / "adapter_model.safetensors").write_bytes((ads["a"] / "adapter_model.safetensors").read_bytes())
+    code = _combine([ads["a"], bad], tmp_path / "o", "--weights", "1,1", "--type", "cat")
+    _fails(capsys, code, tmp_path / "o", expect, str(bad / "adapter_config.json"))
+
+
+def test_output_is_not_an_input(ads, tmp_path, capsys):
+    code = _combine([ads["a"], ads["b"]], ads["b"], "--weights", "1,1", "--type", "linear")
+    err = capsys.readouterr().err
+    assert code == 1 and "one of the input checkpoints" in err
 
 
 def test_output_checked_before_work(ads, tmp_path, capsys):
