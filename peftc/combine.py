@@ -201,7 +201,7 @@ def _read(directory: str | Path) -> _Adapter:
             raise PeftcError(f"{file}: tensor '{key}' is not {what}; `peftc combine` handles plain "
                              f"{peft_type} checkpoints only")
         which = m.group("which")[-1] if peft_type == "LORA" else "l"
-        if "embedding" in m.group(0).rsplit(".", 1)[-1]:
+        if m.re is _EMB_KEY:
             embedding.add(m.group("layer"))
         layers.setdefault(m.group("layer"), {})[which] = t
     if peft_type == "LORA":

@@ -44,10 +44,12 @@ def ads(tmp_path_factory) -> dict[str, Path]:
         "emb_b": (lora(target_modules=["embed_tokens", "v_proj"], r=2), 9),
         "q_a": (lora(target_modules=["q_proj"]), 12),
         "q_b": (lora(target_modules=["q_proj"], lora_alpha=32), 13),
+        "conv_a": (lora(target_modules=["conv1", "conv2", "fc1"]), 14),
+        "conv_b": (lora(target_modules=["conv2", "fc1"], r=2, lora_alpha=3), 15),
         "gpt2_a": (lora(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), 10),
         "gpt2_b": (lora(target_modules=["c_attn"], r=6, fan_in_fan_out=True), 11),
     }
-    return {name: _adapter(cfg, tmp_path_factory.mktemp(name), seed, "gpt2" if name.startswith("gpt2") else "llama")
+    return {name: _adapter(cfg, tmp_path_factory.mktemp(name), seed, _model_of(name))
             for name, (cfg, seed) in configs.items()}
 
 
@@ -68,8 +70,9 @@ def x() -> dict[str, torch.Tensor]:
     return inputs_for("llama")
 
 
-def _model_of(d: Path) -> str:
-    return "gpt2" if "gpt2" in str(d) else "llama"
+def _model_of(d: Path | str) -> str:
+    name = Path(d).parent.name if Path(d).name == "adapter" else str(d)
+    return "gpt2" if name.startswith("gpt2") else "convnet" if name.startswith("conv_") else "llama"
 
 
 def _peft_combined(dirs: list[Path], weights: list[float], **kw):
@@ -122,6 +125,10 @@ CASES = [  # id, adapters, peft kwargs
     ("embedding-ties_svd", "emb_a,emb_b", {"combination_type": "ties_svd", "density": 0.5}),
     ("conv1d-svd-clamp", "gpt2_a,gpt2_b", {"combination_type": "svd", "svd_clamp": 0.95}),
     ("conv1d-cat", "gpt2_a,gpt2_b", {"combination_type": "cat"}),
+    ("conv2d-linear", "conv_a,conv_a", {"combination_type": "linear"}),
+    ("conv2d-cat", "conv_a,conv_b", {"combination_type": "cat"}),
+    ("conv2d-svd", "conv_a,conv_b", {"combination_type": "svd", "svd_rank": 3}),
+    ("conv2d-ties_svd", "conv_a,conv_b", {"combination_type": "ties_svd", "density": 0.5}),
     ("conv1d-magnitude_prune_svd", "gpt2_a,gpt2_b", {"combination_type": "magnitude_prune_svd", "density": 0.4}),
 ]
 _FLAGS = {"combination_type": "--type", "density": "--density", "majority_sign_method": "--majority-sign-method",
