@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from peftc.checkpoint import PREFIX, read_adapter_config, read_adapter_tensors, write_checkpoint
+from peftc.checkpoint import PREFIX, pattern_key_for, read_adapter_config, read_adapter_tensors, write_checkpoint
 from peftc.errors import PeftcError
 
 # type -> (how the task tensors merge, whether the result is re-factored by SVD)
@@ -280,6 +280,9 @@ def combine_checkpoints(dirs: Sequence[str | Path], opts: Options) -> Combined:
         raise PeftcError(f"cannot combine adapters of different methods ({shown})")
     peft_type = ads[0].config["peft_type"]
     used = _check_options(opts, len(ads), peft_type)
+    notes = []
+    if used != opts.type:
+        notes.append(f"one adapter: combined with type 'linear' (as peft does), not {opts.type!r}")
     opts = replace(opts, type=used)
     for a in ads:
         if a.config.get("modules_to_save"):
@@ -312,6 +315,10 @@ def combine_checkpoints(dirs: Sequence[str | Path], opts: Options) -> Combined:
         new_rank = opts.svd_rank or max(ranks)
     gen = torch.Generator().manual_seed(opts.seed) if how.startswith("dare") else None
     out: dict[str, torch.Tensor] = {}
+    rslora = bool(ads[0].config.get("use_rslora"))
+    new_scaling = new_rank / math.sqrt(new_rank) if rslora else 1.0   # lora_alpha = r = new_rank, as in peft
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
     layers = sorted(set().union(*(a.layers for a in ads)))
     for layer in layers:
         factors: list[LoraFactors | None] = []
@@ -325,6 +332,12 @@ def combine_checkpoints(dirs: Sequence[str | Path], opts: Options) -> Combined:
             factors.append(LoraFactors(ab["A"], ab["B"], _scaling(a, layer, ab["A"].shape[0])))
         _check_layer(ads, factors, layer, how, new_rank, svd)
         a_new, b_new = combine_layer(factors, opts, new_rank, gen)
+        if a_new.shape[0] != new_rank:
+            # a layer of another rank (a rank_pattern): peft's combined adapter keeps that rank there at the new
+            # scaling, but saves no pattern for it and cannot load its own save; say it, so peft can
+            key = pattern_key_for(layer)
+            rank_pattern[key] = a_new.shape[0]
+            alpha_pattern[key] = new_scaling * (math.sqrt(a_new.shape[0]) if rslora else a_new.shape[0])
         emb = any(layer in a.embedding for a in ads)
         if emb:
             out[f"{PREFIX}{layer}.lora_embedding_A"], out[f"{PREFIX}{layer}.lora_embedding_B"] = a_new, b_new
@@ -332,10 +345,8 @@ def combine_checkpoints(dirs: Sequence[str | Path], opts: Options) -> Combined:
             out[f"{PREFIX}{layer}.lora_A.weight"], out[f"{PREFIX}{layer}.lora_B.weight"] = a_new, b_new
     out.update(base)
     config = dict(ads[0].config)
-    config.update(r=new_rank, lora_alpha=new_rank, target_modules=targets, alpha_pattern={}, rank_pattern={})
-    notes = []
-    if used != opts.type:
-        notes.append(f"one adapter: combined with type 'linear' (as peft does), not {opts.type!r}")
+    config.update(r=new_rank, lora_alpha=new_rank, target_modules=targets, alpha_pattern=alpha_pattern,
+                  rank_pattern=rank_pattern)
     return Combined(config, out, len(layers), new_rank, used, notes)
 
 

@@ -34,6 +34,11 @@ def ads(tmp_path_factory) -> dict[str, Path]:
         "b": (lora(target_modules=["q_proj", "o_proj"], lora_alpha=16), 2),
         "c": (lora(target_modules=["q_proj", "up_proj"], r=8, rank_pattern={"layers.1.self_attn.q_proj": 2},
                    alpha_pattern={"up_proj": 4}, use_rslora=True), 3),
+        "c2": (lora(target_modules=["q_proj", "up_proj"], r=8, rank_pattern={"layers.1.self_attn.q_proj": 2},
+                    alpha_pattern={"up_proj": 4}, use_rslora=True), 16),
+        "p1": (lora(target_modules=["q_proj", "v_proj"], rank_pattern={"layers.0.self_attn.v_proj": 2}), 17),
+        "p2": (lora(target_modules=["q_proj", "v_proj"], rank_pattern={"layers.0.self_attn.v_proj": 2},
+                    lora_alpha=5), 18),
         "regex": (lora(target_modules=r".*\.k_proj"), 4),
         "ia3_a": (IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
                             init_ia3_weights=False), 5),
@@ -118,6 +123,9 @@ CASES = [  # id, adapters, peft kwargs
     ("magnitude_prune", "a,b", {"combination_type": "magnitude_prune", "density": 0.4}),
     ("magnitude_prune_svd", "b,c", {"combination_type": "magnitude_prune_svd", "density": 0.6, "svd_rank": 5}),
     ("dare-density-1", "a,b", {"combination_type": "dare_ties", "density": 1.0}),
+    ("linear-rank-pattern", "p1,p2", {"combination_type": "linear"}),
+    ("linear-rank-pattern-rslora", "c,c2", {"combination_type": "linear"}),
+    ("ties-rank-pattern-rslora", "c,c2", {"combination_type": "ties", "density": 0.5}),
     ("regex-targets-cat", "regex,regex", {"combination_type": "cat"}),
     ("embedding-linear", "emb_a,emb_a", {"combination_type": "linear"}),
     ("embedding-cat", "emb_a,emb_b", {"combination_type": "cat"}),
@@ -337,6 +345,13 @@ def test_unsupported_configs_are_named(key, value, expect, ads, tmp_path, capsys
     (bad / "adapter_model.safetensors").write_bytes((ads["a"] / "adapter_model.safetensors").read_bytes())
     code = _combine([ads["a"], bad], tmp_path / "o", "--weights", "1,1", "--type", "cat")
     _fails(capsys, code, tmp_path / "o", expect, str(bad / "adapter_config.json"))
+
+
+def test_one_adapter_is_linear_as_in_peft(ads, x, tmp_path, capsys):
+    assert peftc.cli.main(["combine", str(ads["c"]), "--weights=-0.5", "--type", "svd", "-o", str(tmp_path / "o")]) == 0
+    assert "note: one adapter: combined with type 'linear'" in capsys.readouterr().err
+    theirs = _peft_combined([ads["c"]], [-0.5], combination_type="svd")
+    assert max_diff(run_logits(_peft_load(tmp_path / "o"), x), run_logits(theirs, x)) <= TOL
 
 
 def test_output_is_not_an_input(ads, tmp_path, capsys):
