@@ -1,8 +1,9 @@
 """`peftc combine`: several PEFT LoRA (or IA3) checkpoints into one, with the semantics of peft's
 `add_weighted_adapter` (same combination types, same delta weights), written as a PEFT checkpoint.
 
-The math is pure functions on tensors (`combine_layer`, `merge_tensors`); `combine_checkpoints` reads the
-checkpoints, checks that they can be combined (as peft does, with the file or tensor named), and writes.
+The math is pure functions on tensors in `peftc.combine_math`; `combine_checkpoints` reads the configs and
+checks that they can be combined (as peft does, with the file named) before torch is imported, then reads the
+tensors (checking their shapes, with the tensor named) and combines them.
 """
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from peftc.checkpoint import PREFIX, pattern_key_for, read_adapter_config, read_adapter_tensors, write_checkpoint
 from peftc.errors import PeftcError
+
+if TYPE_CHECKING:  # torch is imported once the options and configs have been checked: those errors come at once
+    import torch
+
+    from peftc.combine_math import LoraFactors
 
 # type -> (how the task tensors merge, whether the result is re-factored by SVD)
 TYPES: dict[str, tuple[str, bool]] = {
@@ -60,134 +64,36 @@ class Combined:
     notes: list[str] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------- task-tensor merging (peft's merge_utils)
-def _prune_magnitude(t: torch.Tensor, density: float) -> torch.Tensor:
-    if density >= 1:
-        return t
-    k = int(density * t.numel())
-    flat = torch.zeros(t.numel(), dtype=t.dtype)
-    keep = torch.topk(t.abs().reshape(-1), k=k, largest=True).indices
-    flat[keep] = 1
-    return t * flat.reshape(t.shape)
-
-
-def _prune_random(t: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
-    """DARE: keep each entry with probability `density`, rescale the kept ones by 1/density."""
-    if density >= 1:
-        return t
-    keep = torch.bernoulli(torch.full_like(t, density), generator=gen)
-    return t * keep / density
-
-
-def _majority_agrees(stacked: torch.Tensor, method: str) -> torch.Tensor:
-    sign = stacked.sign()
-    votes = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
-    majority = torch.where(votes >= 0, 1, -1)
-    return sign == majority
-
-
-def merge_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float], how: str, *,
-                  density: float | None = None, majority_sign_method: str = "total",
-                  gen: torch.Generator | None = None) -> torch.Tensor:
-    """One merged tensor from same-shaped task tensors: weighted sum (linear), after magnitude pruning
-    (magnitude_prune), random drop-and-rescale (dare_*), and a sign election (ties, dare_ties)."""
-    if how in ("ties", "magnitude_prune"):
-        tensors = [_prune_magnitude(t, density) for t in tensors]
-    elif how in ("dare_linear", "dare_ties"):
-        tensors = [_prune_random(t, density, gen) for t in tensors]
-    stacked = torch.stack(list(tensors), dim=0)
-    w = torch.tensor(list(weights)).view((-1,) + (1,) * (stacked.dim() - 1))
-    weighted = stacked * w
-    if how in ("ties", "dare_ties"):
-        agree = _majority_agrees(stacked, majority_sign_method)
-        return (weighted * agree).sum(dim=0) / torch.clamp(agree.sum(dim=0), min=1.0)
-    return weighted.sum(dim=0)
-
-
-# ---------------------------------------------------------------- one layer
-@dataclass
-class LoraFactors:
-    """One adapter's factors on one layer, in checkpoint layout, and its scaling there."""
-    a: torch.Tensor
-    b: torch.Tensor
-    scaling: float
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
-
-    def delta(self) -> torch.Tensor:
-        """B @ A * scaling, in B/A orientation: (out, in) for linear layers, (out, in, *kernel) for convs."""
-        a32, b32 = self.a.float(), self.b.float()
-        d = b32.flatten(1) @ a32.flatten(1)
-        return d.reshape((b32.shape[0],) + tuple(a32.shape[1:])) * self.scaling
-
-
-def combine_layer(factors: Sequence[LoraFactors | None], opts: Options, new_rank: int,
-                  gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of the combined adapter on one layer; `None` marks an adapter that does not adapt it."""
-    present = [(f, w) for f, w in zip(factors, opts.weights) if f is not None]
-    how, svd = TYPES[opts.type]
-    first = present[0][0]
-    dtype = first.a.dtype
-    if how == "cat":
-        a = torch.zeros((new_rank,) + tuple(first.a.shape[1:]), dtype=dtype)
-        b = torch.zeros((first.b.shape[0], new_rank) + tuple(first.b.shape[2:]), dtype=dtype)
-        a_cat = torch.cat([f.a * w * f.scaling for f, w in present], dim=0)
-        b_cat = torch.cat([f.b for f, _ in present], dim=1)
-        a[: a_cat.shape[0]] = a_cat
-        b[:, : b_cat.shape[1]] = b_cat
-        return a, b
-    kw = {"density": opts.density, "majority_sign_method": opts.majority_sign_method, "gen": gen}
-    if svd:
-        delta = merge_tensors([f.delta() for f, _ in present], [w for _, w in present], how, **kw)
-        mat = delta.flatten(1)
-        u, s, vh = torch.linalg.svd(mat, full_matrices=True)
-        u = u[:, :new_rank] @ torch.diag(s[:new_rank])
-        vh = vh[:new_rank, :]
-        if opts.svd_clamp is not None:
-            hi = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), opts.svd_clamp)
-            u, vh = u.clamp(-hi, hi), vh.clamp(-hi, hi)
-        a = vh.reshape((new_rank,) + tuple(first.a.shape[1:]))
-        b = u.reshape((first.b.shape[0], new_rank) + tuple(first.b.shape[2:]))
-        return a.to(dtype), b.to(dtype)
-    # A and B merged separately; sqrt(|w * scaling|) on each side, the sign on A's
-    wa, wb = [], []
-    for f, w in present:
-        ws = w * f.scaling
-        wa.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))
-        wb.append(math.sqrt(abs(ws)))
-    a = merge_tensors([f.a for f, _ in present], wa, how, **kw)
-    b = merge_tensors([f.b for f, _ in present], wb, how, **kw)
-    return a.to(dtype), b.to(dtype)
-
-
 # ---------------------------------------------------------------- checkpoints
 @dataclass
 class _Adapter:
     directory: Path
     config: dict[str, Any]
-    file: Path
-    layers: dict[str, dict[str, torch.Tensor]]  # layer -> {"A"/"B" or "l": tensor}
-    embedding: set[str]
-    base: dict[str, torch.Tensor]               # saved base-layer weights, by key
+    file: Path | None = None                    # the weights file, once read
+    layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # layer -> {"A"/"B" or "l": ...}
+    embedding: set[str] = field(default_factory=set)
+    base: dict[str, torch.Tensor] = field(default_factory=dict)  # saved base-layer weights, by key
 
     @property
     def cfg_file(self) -> str:
         return str(self.directory / "adapter_config.json")
 
 
-def _read(directory: str | Path) -> _Adapter:
+def _read_config(directory: str | Path) -> _Adapter:
     d = Path(directory)
     cfg = read_adapter_config(d)
-    tensors, file = read_adapter_tensors(d)
     peft_type = str(cfg.get("peft_type", ""))
     if peft_type not in ("LORA", "IA3"):
         raise PeftcError(f"{d / 'adapter_config.json'}: peft_type {peft_type or '(missing)'!r}: `peftc combine` "
                          "combines LORA (or IA3) checkpoints")
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    embedding: set[str] = set()
-    base: dict[str, torch.Tensor] = {}
+    return _Adapter(d, cfg)
+
+
+def _read_tensors(ad: _Adapter) -> None:
+    tensors, file = read_adapter_tensors(ad.directory)
+    peft_type = ad.config["peft_type"]
+    ad.file = file
+    layers, embedding, base = ad.layers, ad.embedding, ad.base
     for key, t in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else None
         if name is not None and _BASE_KEY.match(name):
@@ -215,7 +121,6 @@ def _read(directory: str | Path) -> _Adapter:
                                  f"{ab['B'].shape[1]}")
     if not layers:
         raise PeftcError(f"{file}: no adapter tensors")
-    return _Adapter(d, cfg, file, layers, embedding, base)
 
 
 def _scaling(ad: _Adapter, layer: str, rank: int) -> float:
@@ -273,7 +178,7 @@ def _check_options(opts: Options, n: int, peft_type: str) -> str:
 
 def combine_checkpoints(dirs: Sequence[str | Path], opts: Options) -> Combined:
     """Read, check and combine PEFT checkpoints as peft's add_weighted_adapter would (nothing is written)."""
-    ads = [_read(d) for d in dirs]
+    ads = [_read_config(d) for d in dirs]
     types = {a.config.get("peft_type") for a in ads}
     if len(types) > 1:
         shown = ", ".join(f"{a.cfg_file}: {a.config.get('peft_type')}" for a in ads)
@@ -289,10 +194,11 @@ def combine_checkpoints(dirs: Sequence[str | Path], opts: Options) -> Combined:
             raise PeftcError(f"{a.cfg_file}: modules_to_save = {a.config['modules_to_save']!r}: "
                              "`peftc combine` does not combine modules_to_save copies yet")
     targets = _new_targets(ads)
-    base = _base_weights(ads)
     if peft_type == "IA3":
+        for a in ads:
+            _read_tensors(a)
         done = _combine_ia3(ads, opts, targets)
-        done.tensors.update(base)
+        done.tensors.update(_base_weights(ads))
         return done
     for a in ads:
         for key, default in _NOT_PLAIN.items():
@@ -313,6 +219,12 @@ def combine_checkpoints(dirs: Sequence[str | Path], opts: Options) -> Combined:
         new_rank = sum(ranks)
     else:
         new_rank = opts.svd_rank or max(ranks)
+    import torch
+
+    from peftc.combine_math import LoraFactors, combine_layer
+    for a in ads:
+        _read_tensors(a)
+    base = _base_weights(ads)
     gen = torch.Generator().manual_seed(opts.seed) if how.startswith("dare") else None
     out: dict[str, torch.Tensor] = {}
     rslora = bool(ads[0].config.get("use_rslora"))
@@ -353,6 +265,7 @@ def combine_checkpoints(dirs: Sequence[str | Path], opts: Options) -> Combined:
 def _base_weights(ads: list[_Adapter]) -> dict[str, torch.Tensor]:
     """Embedding weights that peft saved with an adapter: carried over, if every adapter that has one agrees
     (peft's combined adapter runs on one base layer, whichever was loaded last)."""
+    import torch
     out: dict[str, torch.Tensor] = {}
     owner: dict[str, _Adapter] = {}
     for a in ads:
@@ -386,6 +299,7 @@ def _check_layer(ads: list[_Adapter], factors: list[LoraFactors | None], layer: 
 
 def _combine_ia3(ads: list[_Adapter], opts: Options, targets: Any) -> Combined:
     """IA3: the weighted sum of the scaling vectors, over the layers any adapter has."""
+    import torch
     kinds = {type(a.config.get("feedforward_modules")) for a in ads}
     ff_lists = [a.config.get("feedforward_modules") or [] for a in ads]
     if kinds <= {list, type(None)}:
