@@ -116,6 +116,10 @@ def _read_tensors(ad: _Adapter) -> None:
                 if which not in ab:
                     raise PeftcError(f"{file}: layer '{layer}' has lora_{'B' if which == 'A' else 'A'} but no "
                                      f"lora_{which}")
+            for which in "AB":
+                if ab[which].dim() < 2:
+                    raise PeftcError(f"{file}: layer '{layer}': lora_{which} has shape {list(ab[which].shape)}; a "
+                                     "LoRA factor has at least 2 dimensions")
             if ab["A"].shape[0] != ab["B"].shape[1]:
                 raise PeftcError(f"{file}: layer '{layer}': lora_A has rank {ab['A'].shape[0]} but lora_B has "
                                  f"{ab['B'].shape[1]}")
