@@ -1,5 +1,5 @@
-"""`peftc combine` against peft's `add_weighted_adapter`: real peft LoRA / IA3 adapters on the tiny llama,
-combined both ways; the delta weights and the logits of peft loading peftc's checkpoint must match peft's
+"""`peftc combine` against peft's `add_weighted_adapter`: real peft LoRA / IA3 adapters on the tiny llama
+(linear layers, an embedding), GPT-2 (Conv1D) and a conv net (Conv2d), combined both ways; the delta weights and the logits of peft loading peftc's checkpoint must match peft's
 own combined adapter. Bad input is a located error, exit 1, and nothing written."""
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def ads(tmp_path_factory) -> dict[str, Path]:
-    """Real peft adapters: 'a' and 'b' share rank 4 (different alphas, partly different layers), 'c' has rank 8,
-    a rank_pattern / alpha_pattern and rsLoRA; 'ia3_a', 'ia3_b' are IA3; 'loha' is not LoRA."""
+    """Real peft adapters: 'a' and 'b' share rank 4 (different alphas, partly different layers), 'c' (and 'c2')
+    have rank 8, a rank_pattern / alpha_pattern and rsLoRA, 'p1' / 'p2' a rank_pattern; 'regex' targets by
+    regex; 'emb_*' adapt the embedding, 'q_*' only q_proj, 'conv_*' the conv net, 'gpt2_*' GPT-2's Conv1D layers;
+    'ia3_a', 'ia3_b' are IA3; 'loha' is not LoRA."""
     from peft import IA3Config, LoHaConfig
     configs = {
         "a": (lora(target_modules=["q_proj", "v_proj"]), 1),
@@ -171,6 +173,8 @@ def test_ia3_linear_matches_peft(ads, x, tmp_path):
     ours = _peft_load(tmp_path / "mix")
     theirs = _peft_combined(dirs, WEIGHTS)
     assert max_diff(run_logits(ours, x), run_logits(theirs, x)) <= TOL
+    with ours.disable_adapter():
+        assert max_diff(run_logits(ours, x), run_logits(theirs, x)) > CHANGED
     cfg = json.loads((tmp_path / "mix" / "adapter_config.json").read_text())
     assert sorted(cfg["feedforward_modules"]) == ["down_proj"]
     assert sorted(cfg["target_modules"]) == ["down_proj", "k_proj", "v_proj"]
