@@ -1,6 +1,7 @@
 """`peftc combine` against peft's `add_weighted_adapter`: real peft LoRA / IA3 adapters on the tiny llama
-(linear layers, an embedding), GPT-2 (Conv1D) and a conv net (Conv2d), combined both ways; the delta weights and the logits of peft loading peftc's checkpoint must match peft's
-own combined adapter. Bad input is a located error, exit 1, and nothing written."""
+(linear layers, an embedding), GPT-2 (Conv1D) and a conv net (Conv2d), combined both ways; the delta weights
+and the logits of peft loading peftc's checkpoint must match peft's own combined adapter. Bad input is a
+located error, exit 1, and nothing written."""
 from __future__ import annotations
 
 import json
