@@ -6,6 +6,7 @@
     peftc check   SPEC MODEL
     peftc inspect MODEL
     peftc import  ADAPTER_DIR... -o SPEC
+    peftc combine ADAPTER_DIR... --weights W,... --type TYPE -o DIR   (peft's add_weighted_adapter)
 
 Bad input prints one message (file:line:col where known) and exits 1, with no traceback. It fails early:
 the output path (extension, writability) is checked first, then the spec is parsed (lark only); torch and
@@ -104,6 +105,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .peft spec")
     p.add_argument("--merge", action="store_true", help="mark the imported adapters as merged")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
+
+    p = sub.add_parser("combine", help="combine LoRA (or IA3) checkpoints into one, as peft's add_weighted_adapter",
+                       description="Combine PEFT LoRA checkpoints (weighted) into one PEFT checkpoint, with the "
+                                   "semantics of peft's add_weighted_adapter; IA3 checkpoints combine with 'linear'.")
+    p.add_argument("adapters", nargs="+", help="PEFT checkpoint directories")
+    p.add_argument("--weights", required=True, metavar="W,...", help="one weight per adapter, comma-separated")
+    p.add_argument("--type", required=True, metavar="TYPE", help="linear, cat, svd, ties, ties_svd, magnitude_prune, "
+                   "magnitude_prune_svd, dare_linear, dare_linear_svd, dare_ties, dare_ties_svd")
+    p.add_argument("--density", type=float, help="fraction of values kept (ties, magnitude_prune, dare_* types)")
+    p.add_argument("--majority-sign-method", choices=("total", "frequency"), default="total",
+                   help="sign election of ties / dare_ties (default total)")
+    p.add_argument("--svd-rank", type=int, help="rank of the result of the *svd types (default: the largest rank)")
+    p.add_argument("--svd-clamp", type=float, help="quantile at which the *svd types clamp the factors")
+    p.add_argument("--seed", type=int, help="random seed of the dare_* types (default 0)")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
     return ap
 
 
@@ -140,9 +157,9 @@ def _check_output(args: argparse.Namespace) -> None:
         other = [c for c, suf in OUTPUT_SUFFIX.items() if suf == p.suffix.lower()]
         hint = f" (`peftc {other[0]}` writes {p.suffix} files)" if other else ""
         raise PeftcError(f"output {p}: `peftc {args.cmd}` writes a {want} file; give a name ending in {want}{hint}")
-    if args.cmd == "save":
+    if args.cmd in ("save", "combine"):
         if p.suffix.lower() in FILE_SUFFIXES:
-            raise PeftcError(f"output {p}: `peftc save` writes a PEFT checkpoint directory "
+            raise PeftcError(f"output {p}: `peftc {args.cmd}` writes a PEFT checkpoint directory "
                              "(adapter_config.json + adapter_model.safetensors); give a folder name")
         if p.exists() and not p.is_dir():
             raise PeftcError(f"output path {p} exists and is not a directory")
@@ -179,6 +196,48 @@ def _warnings(plan: Plan) -> None:
         _warn(w)
 
 
+def _weights(text: str) -> list[float]:
+    import math
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise PeftcError(f"--weights {text!r}: expected comma-separated numbers, e.g. 0.7,0.3") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise PeftcError(f"--weights {text!r}: every weight must be a finite number")
+    return weights
+
+
+def _combine(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from peftc.combine import TYPES, Options
+    weights = _weights(args.weights)
+    out = Path(args.output).resolve()
+    for d in args.adapters:
+        if Path(d).resolve() == out:
+            raise PeftcError(f"output {args.output} is one of the input checkpoints ({d}); inputs are never "
+                             "overwritten: give another folder")
+    if args.type not in TYPES:
+        from peftc.errors import did_you_mean
+        raise PeftcError(f"--type {args.type!r}: unknown combination type{did_you_mean(args.type, TYPES)}; "
+                         "choose one of " + ", ".join(TYPES))
+    if args.seed is not None and not TYPES[args.type][0].startswith("dare"):
+        raise PeftcError(f"--seed is only used by the dare_* types, not --type {args.type}")
+    opts = Options(args.type, weights, density=args.density, majority_sign_method=args.majority_sign_method,
+                   svd_rank=args.svd_rank, svd_clamp=args.svd_clamp, seed=0 if args.seed is None else args.seed)
+    from peftc.combine import combine_checkpoints, write_combined
+    from peftc.progress import step
+    with step("Combining adapters"):
+        done = combine_checkpoints(args.adapters, opts)
+    for note in done.notes:
+        _note(args.quiet, f"note: {note}")
+    write_combined(done, args.output)
+    rank = f", rank {done.rank}" if done.rank else ""
+    _result(f"wrote {args.output}: {_plural(len(args.adapters), 'adapter')} combined ({done.type}) on "
+            f"{_plural(done.layers, 'layer')}{rank}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from peftc.progress import set_quiet
     set_quiet(args.quiet)
@@ -190,6 +249,8 @@ def _run(args: argparse.Namespace) -> int:
             _note(args.quiet, f"note: {note}")
         _result(f"wrote {args.output} ({_plural(len(done.names), 'adapter')}: {', '.join(done.names)})")
         return 0
+    if args.cmd == "combine":
+        return _combine(args)
     if args.cmd == "inspect":
         if args.builtins or not args.model:
             from peftc.builtin_models import BUILTINS

@@ -565,10 +565,10 @@ def test_version():
 
 
 @pytest.mark.parametrize("what", ["help", "version", "syntax error", "clause typo", "import", "wrong extension",
-                                  "unwritable"])
+                                  "unwritable", "combine output", "combine options"])
 def test_quick_paths_do_not_import_torch(work, tmp_path, what):
-    """--help, --version, a spec's syntax errors, `import` and output problems answer without importing torch
-    (4-7 s): they are found before any work. benchmarks/bench_cli_startup.py times them."""
+    """--help, --version, a spec's syntax errors, `import`, output problems and `combine`'s option checks answer
+    without importing torch (4-7 s): they are found before any work. benchmarks/bench_cli_startup.py times them."""
     bad = tmp_path / "bad.peft"
     bad.write_text("adapter a: lora(r = 4 {\n    targets q_proj\n}\n")
     typo = tmp_path / "typo.peft"
@@ -581,6 +581,10 @@ def test_quick_paths_do_not_import_torch(work, tmp_path, what):
         "import": (["import", work["adapter"], "-o", tmp_path / "s.peft"], 0),
         "wrong extension": (["export", work["root"] / "no-such.peft", "tiny-llama", "-o", tmp_path / "m.pt2"], 1),
         "unwritable": (["save", bad, "tiny-llama", "-o", "/proc/peftc-none/ckpt"], 1),
+        "combine output": (["combine", work["adapter"], "--weights", "1", "--type", "linear", "-o",
+                            tmp_path / "c.safetensors"], 1),
+        "combine options": (["combine", work["adapter"], work["adapter"], "--weights", "1,1", "--type", "ties", "-o",
+                             tmp_path / "c"], 1),
     }[what]
     r = light_run(*argv)
     assert r.stderr.splitlines()[-1] == f"torch not imported {rc}", r.stderr
