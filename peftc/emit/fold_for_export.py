@@ -10,6 +10,7 @@ import torch
 from torch import fx
 
 from peftc.ops import real_ifft2
+from peftc.rewrite.graph_tools import constant_evaluator
 
 # ops whose input-independent uses are computed before export
 FOLD_BEFORE_EXPORT: frozenset[Any] = frozenset({real_ifft2})
@@ -30,22 +31,7 @@ def fold_for_export(gm: fx.GraphModule, targets: frozenset[Any] = FOLD_BEFORE_EX
     for n in gm.graph.nodes:
         env[n] = graph.node_copy(n, lambda x: env[x])
     out = fx.GraphModule(gm, graph)
-    values: dict[fx.Node, Any] = {}
-
-    def value(n: Any) -> Any:
-        if isinstance(n, (list, tuple)):
-            return type(n)(value(a) for a in n)
-        if not isinstance(n, fx.Node):
-            return n
-        if n not in values:
-            if n.op == "get_attr":
-                obj: Any = gm
-                for part in n.target.split("."):
-                    obj = getattr(obj, part)
-                values[n] = obj.detach() if isinstance(obj, torch.Tensor) else obj
-            else:
-                values[n] = n.target(*value(list(n.args)), **{k: value(v) for k, v in n.kwargs.items()})
-        return values[n]
+    value = constant_evaluator(gm)
 
     with torch.no_grad():
         for i, root in enumerate(roots):

@@ -308,6 +308,16 @@ def coerce_option(decl: OptionDecl, value: Any) -> Any:
     return value  # targets: handled by the planner
 
 
+def _walk_statements(method: MethodDef, stmts: list[Stmt], step: Callable[[Stmt], None]) -> None:
+    """Run `step` on each statement; an evaluation error becomes a PeftcError at the statement's line."""
+    from peftc.lang.evaluate import EvalError
+    for st in stmts:
+        try:
+            step(st)
+        except EvalError as e:
+            raise PeftcError(f"in method '{method.name}': {e}", file=method.file, line=st.line) from None
+
+
 class NeedsTensors(Exception):
     """A `let` that reads a tensor (or a name bound only at emission): evaluated when the graph is built."""
 
@@ -357,11 +367,7 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
     deferred: set[str] = set()   # names known only once tensors exist (lets over tensors, params, consts)
 
     def walk(stmts: list[Stmt]) -> None:
-        for st in stmts:
-            try:
-                _step(st)
-            except EvalError as e:
-                raise PeftcError(f"in method '{method.name}': {e}", file=method.file, line=st.line) from None
+        _walk_statements(method, stmts, _step)
 
     def _step(st: Stmt) -> None:
         if st.kind == "let":
@@ -443,11 +449,7 @@ def instantiate_shared(method: MethodDef, kinds: set[str], options: dict[str, An
     steps: list[tuple[str, Any]] = []
 
     def walk(stmts: list[Stmt]) -> None:
-        for st in stmts:
-            try:
-                _step(st)
-            except EvalError as e:
-                raise PeftcError(f"in method '{method.name}': {e}", file=method.file, line=st.line) from None
+        _walk_statements(method, stmts, _step)
 
     def _step(st: Stmt) -> None:
         if st.kind == "let":

@@ -17,7 +17,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from peftc.errors import PeftcError
 from peftc.manifest import Manifest
 from peftc.ops import cast, dropin
-from peftc.rewrite.graph_tools import BASE, TAG, get_path, set_path
+from peftc.rewrite.graph_tools import BASE, TAG, constant_evaluator, get_path, set_path
 
 _PASS_THROUGH = {cast}
 
@@ -48,24 +48,7 @@ def fold_frozen(manifest: Manifest) -> Any:
         roots = [n for n in adapted if n.op == "call_function" and any(u not in const for u in n.users)]
         if not roots:
             return PassResult(gm, False)
-        values: dict[fx.Node, Any] = {}
-
-        def value(n: Any) -> Any:
-            if isinstance(n, (list, tuple)):
-                return type(n)(value(a) for a in n)
-            if not isinstance(n, fx.Node):
-                return n
-            if n in values:
-                return values[n]
-            if n.op == "get_attr":
-                t = get_path(gm, n.target).detach()
-                v = t.to(_compute_dtype(t))
-            elif n.target in _PASS_THROUGH:
-                v = value(n.args[0])
-            else:
-                v = n.target(*[value(a) for a in n.args], **{k: value(a) for k, a in n.kwargs.items()})
-            values[n] = v
-            return v
+        value = constant_evaluator(gm, leaf=lambda t: t.to(_compute_dtype(t)), pass_through=_PASS_THROUGH)
 
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         folded = 0

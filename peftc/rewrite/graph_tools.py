@@ -160,3 +160,28 @@ def normalized_args(node: fx.Node, op: Op) -> list[Any]:
         args += list(op.defaults[len(op.defaults) - missing:])
     return args
 
+
+def constant_evaluator(gm: fx.GraphModule, leaf: Any = None, pass_through: Any = frozenset()) -> Any:
+    """value(node): a memoised evaluation of input-independent graph nodes. A get_attr reads the stored tensor
+    (detached, then through `leaf` if given); a call runs its target, except targets in `pass_through`, which
+    return their first argument (casts the caller applies once, at the end)."""
+    values: dict[fx.Node, Any] = {}
+
+    def value(n: Any) -> Any:
+        if isinstance(n, (list, tuple)):
+            return type(n)(value(a) for a in n)
+        if not isinstance(n, fx.Node):
+            return n
+        if n not in values:
+            if n.op == "get_attr":
+                t = get_path(gm, n.target)
+                t = t.detach() if isinstance(t, torch.Tensor) else t
+                values[n] = leaf(t) if leaf is not None and isinstance(t, torch.Tensor) else t
+            elif n.target in pass_through:
+                values[n] = value(n.args[0])
+            else:
+                values[n] = n.target(*value(list(n.args)), **{k: value(a) for k, a in n.kwargs.items()})
+        return values[n]
+
+    return value
+
