@@ -36,6 +36,10 @@ import torch  # noqa: E402
 
 import peftc  # noqa: E402
 from peftc.builtin_models import BUILTINS  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_forward import logits_of  # noqa: E402
+
 from peftc.resources import data_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,16 +65,6 @@ CONFIGS = {
     "randlora": (lambda: peft.RandLoraConfig(r=32, target_modules=TARGETS), "randlora"),
     "waveft": (lambda: peft.WaveFTConfig(n_frequency=2592, target_modules=TARGETS, init_weights=False), "waveft"),
 }
-
-
-def _logits(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, dict):
-        return out["logits"] if "logits" in out else next(iter(out.values()))
-    return _logits(out[0])
 
 
 def _peft_lines(package: str) -> int:
@@ -113,7 +107,7 @@ def main() -> None:
             t0 = time.perf_counter()
             gm = peftc.compile(f'adapter default: import "{d}"', base)
             compile_s = time.perf_counter() - t0
-            diff = (_logits(gm(**x)) - _logits(pm(**x))).abs().max().item()
+            diff = (logits_of(gm(**x)) - logits_of(pm(**x))).abs().max().item()
             variants[f"peft {m}"], variants[f"peftc {m}"] = pm, gm
             rows.append({"method": m, "max_abs_diff_vs_peft": diff, "compile_s": compile_s,
                          "method_file_lines": _method_lines(m), "peft_lines": _peft_lines(package)})

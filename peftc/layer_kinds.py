@@ -26,12 +26,19 @@ class LayerKind:
     bias_arg: int | None         # its bias's argument index (None: the op takes no bias)
     transposed: bool = False     # the stored weight is (in, out): methods see its transpose
     linear_like: bool = False    # counted by `all-linear`
+    kernel: tuple[str, ...] = () # names of the kernel-size dims (convolutions)
+
+    @property
+    def dim_names(self) -> tuple[str, ...]:
+        """Every dim a method file sees at a layer of this kind."""
+        return ("in", "out", "groups", "has_bias", *self.kernel)
 
 
-def _conv_dims(names: tuple[str, ...]) -> Callable[[nn.Module], dict[str, Any]]:
+def _conv(name: str, cls: type[nn.Module], op: Any, kernel: tuple[str, ...]) -> LayerKind:
+    """An nn.ConvNd kind: dims in/out/groups and one per kernel axis."""
     def dims(m: nn.Module) -> dict[str, Any]:
-        return {"in": m.in_channels, "out": m.out_channels, "groups": m.groups, **dict(zip(names, m.kernel_size))}
-    return dims
+        return {"in": m.in_channels, "out": m.out_channels, "groups": m.groups, **dict(zip(kernel, m.kernel_size))}
+    return LayerKind(name, lambda m: isinstance(m, cls), dims, op, 1, 2, kernel=kernel)
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
@@ -44,13 +51,16 @@ KINDS: dict[str, LayerKind] = {k.name: k for k in [
               aten.linear.default, 1, 2, linear_like=True),
     LayerKind("conv1d_hf", _is_hf_conv1d, lambda m: {"in": m.weight.shape[0], "out": m.weight.shape[1]},
               aten.addmm.default, 2, 0, transposed=True, linear_like=True),
-    LayerKind("conv1d", lambda m: isinstance(m, nn.Conv1d), _conv_dims(("k",)), aten.conv1d.default, 1, 2),
-    LayerKind("conv2d", lambda m: isinstance(m, nn.Conv2d), _conv_dims(("kh", "kw")), aten.conv2d.default, 1, 2),
-    LayerKind("conv3d", lambda m: isinstance(m, nn.Conv3d), _conv_dims(("kd", "kh", "kw")),
-              aten.conv3d.default, 1, 2),
+    _conv("conv1d", nn.Conv1d, aten.conv1d.default, ("k",)),
+    _conv("conv2d", nn.Conv2d, aten.conv2d.default, ("kh", "kw")),
+    _conv("conv3d", nn.Conv3d, aten.conv3d.default, ("kd", "kh", "kw")),
     LayerKind("embedding", lambda m: isinstance(m, nn.Embedding),
               lambda m: {"in": m.num_embeddings, "out": m.embedding_dim}, aten.embedding.default, 0, None),
 ]}
+
+
+# layer kind -> the dimension names a method sees there (checked when the method library loads)
+KIND_DIMS: dict[str, tuple[str, ...]] = {k.name: k.dim_names for k in KINDS.values()}
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:

@@ -57,10 +57,6 @@ def norm(v: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.linalg.vector_norm(v, 2, dim=dim, keepdim=True)
 
 
-def eye(n: int) -> torch.Tensor:
-    return torch.eye(n)
-
-
 def real_ifft2(v: torch.Tensor) -> torch.Tensor:
     """Real part of the 2-d inverse FFT (normalised by 1/(rows*cols)), in fp32 at least."""
     return torch.fft.ifft2(v.float() if v.dtype in (torch.float16, torch.bfloat16) else v).real
@@ -317,15 +313,11 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("cat", aten.cat.default, defaults=(0,), arity=2),
     Op("stack", aten.stack.default, defaults=(0,), arity=2),
     Op("repeat", aten.repeat.default),
-    Op("expand", aten.expand.default),
     Op("flatten", aten.flatten.using_ints, defaults=(0, -1), arity=3),
     # arithmetic beyond + - * /
     Op("floordiv", floordiv),
     Op("mod", mod),
     Op("pow", aten.pow.Tensor_Scalar),
-    Op("exp", aten.exp.default),
-    Op("cos", aten.cos.default),
-    Op("sin", aten.sin.default),
     Op("clamp_min", aten.clamp_min.default),
     Op("sum", aten.sum.dim_IntList, defaults=(False,), arity=3),
     Op("norm", norm),
@@ -337,14 +329,10 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("block_circulant", block_circulant),
     Op("idwt2", idwt2),
     Op("pad2", pad2),
-    Op("eye", eye),
-    Op("zeros_like", aten.zeros_like.default),
     Op("scatter2d", scatter2d),
     Op("real_ifft2", real_ifft2),
     Op("topk_values", lambda v, k: torch.topk(v, k, dim=-1).values),
     Op("topk_indices", lambda v, k: torch.topk(v, k, dim=-1).indices),
-    Op("gather", aten.gather.default),
-    Op("index_select", aten.index_select.default),
     Op("to_long", lambda v: v.long()),
     Op("to_float", lambda v: v.float()),
     # compile-time only

@@ -36,14 +36,6 @@ class Layer:
     dtype: torch.dtype = torch.float32
 
 
-KERNEL_DIMS = {"conv1d": ("k",), "conv2d": ("kh", "kw"), "conv3d": ("kd", "kh", "kw")}
-# layer kind -> the dimension names a method sees there (checked when the method library loads)
-KIND_DIMS: dict[str, tuple[str, ...]] = {
-    kind: ("in", "out", "groups", "has_bias", *KERNEL_DIMS.get(kind, ()))
-    for kind in ("linear", "conv1d_hf", "conv1d", "conv2d", "conv3d", "embedding")
-}
-
-
 def layer_kind(module: nn.Module) -> str | None:
     kind = kind_of(module)
     return kind.name if kind else None

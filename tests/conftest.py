@@ -130,10 +130,11 @@ def randomize_(model: nn.Module, seed: int = 1, scale: float = 0.05) -> None:
                 p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
 
 
-def peft_adapter(model_name: str, config, tmp_path, seed: int = 1):
-    """Build a real peft adapter on a fresh base model, randomize it, save it. Returns (base, peft_model, dir)."""
+def peft_adapter(model_name: str, config, tmp_path, seed: int = 1, base=None):
+    """Build a real peft adapter on a fresh base model (MODELS[model_name], or `base`), randomize it, save it.
+    Returns (base, peft_model, dir)."""
     from peft import get_peft_model
-    base = MODELS[model_name]()
+    base = MODELS[model_name]() if base is None else base
     pm = get_peft_model(copy.deepcopy(base), config).eval()
     randomize_(pm, seed)
     d = tmp_path / "adapter"

@@ -176,15 +176,7 @@ class Prepared:
 def prepared(request, tmp_path_factory) -> Prepared:
     case: Case = request.param
     tmp = tmp_path_factory.mktemp(case.id)
-    if case.model == "seqvol":
-        base = seqvol()
-        pm = peft.get_peft_model(copy.deepcopy(base), case.config()).eval()
-        from conftest import randomize_
-        randomize_(pm, 1)
-        d = tmp / "adapter"
-        pm.save_pretrained(str(d))
-    else:
-        base, pm, d = peft_adapter(case.model, case.config(), tmp)
+    base, pm, d = peft_adapter(case.model, case.config(), tmp, base=_models(case.model))
     x = _inputs(case.model)
     base_out, peft_out = run_logits(base, x), run_logits(pm, x)
     merged_out = run_logits(copy.deepcopy(pm).merge_and_unload(), x)

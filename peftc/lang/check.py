@@ -24,9 +24,9 @@ from peftc.errors import PeftcError, did_you_mean
 from peftc.lang.expr import Call, Expr, Name, Rest
 from peftc.lang.methods import ADAPTER_DIMS, MethodDef
 from peftc.lang.rules import OP_CLASSES, Rule
+from peftc.layer_kinds import KIND_DIMS
 from peftc.ops import INITS, SCALAR_FUNCS, TENSOR_OPS
 from peftc.rewrite.guards import GUARD_NAMES, guards
-from peftc.targeting import KIND_DIMS
 
 # names every method body sees besides its options and the layer's dimensions
 TENSOR_NAMES = ("W", "W0", "b")

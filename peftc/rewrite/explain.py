@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from torch import fx
 
+from peftc.layer_kinds import weight_readers
 from peftc.rewrite.graph_tools import ADAPTER, RULE, TAG, get_path
 
 aten = torch.ops.aten
 
 # ops that read a weight, and the index of the weight argument
-WEIGHT_READERS = {aten.linear.default: 1, aten.addmm.default: 2, aten.mm.default: 1, aten.matmul.default: 1,
-                  aten.conv1d.default: 1, aten.conv2d.default: 1, aten.conv3d.default: 1, aten.embedding.default: 0}
+WEIGHT_READERS = weight_readers()
 
 
 def _meta_value(gm: fx.GraphModule, n: fx.Node, memo: dict[fx.Node, Any]) -> Any:
