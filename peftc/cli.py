@@ -111,7 +111,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "semantics of peft's add_weighted_adapter; IA3 checkpoints combine with 'linear'.")
     p.add_argument("adapters", nargs="+", help="PEFT checkpoint directories")
     p.add_argument("--weights", required=True, metavar="W,...", help="one weight per adapter, comma-separated")
-    p.add_argument("--type", required=True, metavar="TYPE", help="linear, cat, svd, ties, ties_svd, magnitude_prune, "
+    p.add_argument("--type", required=True, metavar="TYPE",
+                   help="exact (the weighted sum of the deltas; cat for LoRA), linear, cat, svd, ties, "
+                   "ties_svd, magnitude_prune, "
                    "magnitude_prune_svd, dare_linear, dare_linear_svd, dare_ties, dare_ties_svd")
     p.add_argument("--density", type=float, help="fraction of values kept (ties, magnitude_prune, dare_* types)")
     p.add_argument("--majority-sign-method", choices=("total", "frequency"), default="total",
@@ -210,18 +212,18 @@ def _weights(text: str) -> list[float]:
 def _combine(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from peftc.combine import TYPES, Options
+    from peftc.combine import ALL_TYPES, TYPES, Options
     weights = _weights(args.weights)
     out = Path(args.output).resolve()
     for d in args.adapters:
         if Path(d).resolve() == out:
             raise PeftcError(f"output {args.output} is one of the input checkpoints ({d}); inputs are never "
                              "overwritten: give another folder")
-    if args.type not in TYPES:
+    if args.type not in ALL_TYPES:
         from peftc.errors import did_you_mean
-        raise PeftcError(f"--type {args.type!r}: unknown combination type{did_you_mean(args.type, TYPES)}; "
-                         "choose one of " + ", ".join(TYPES))
-    if args.seed is not None and not TYPES[args.type][0].startswith("dare"):
+        raise PeftcError(f"--type {args.type!r}: unknown combination type{did_you_mean(args.type, ALL_TYPES)}; "
+                         "choose one of " + ", ".join(ALL_TYPES))
+    if args.seed is not None and not TYPES.get(args.type, ("",))[0].startswith("dare"):
         raise PeftcError(f"--seed is only used by the dare_* types, not --type {args.type}")
     opts = Options(args.type, weights, density=args.density, majority_sign_method=args.majority_sign_method,
                    svd_rank=args.svd_rank, svd_clamp=args.svd_clamp, seed=0 if args.seed is None else args.seed)
@@ -273,6 +275,8 @@ def _run(args: argparse.Namespace) -> int:
         from peftc.models import load_model
         from peftc.pipeline import base_model_name, check_spec
         from peftc.plan import build_plan
+        from peftc.spec.combinations import expand_combinations
+        spec = expand_combinations(spec)
         check_spec(spec)
         with step("Loading model"):
             loaded = load_model(args.model, args.example_input)
@@ -286,6 +290,10 @@ def _run(args: argparse.Namespace) -> int:
             _result("ok: no errors")
             return 0
         from peftc.emit.checkpoint import save_plan
+        from peftc.manifest import unsavable
+        for name, ap in plan.adapters.items():
+            if unsavable(name, ap) and any(not unsavable(n, a) for n, a in plan.adapters.items()):
+                _warn(f"not saved: {unsavable(name, ap)}")
         with step("Writing PEFT checkpoint"):
             dirs = save_plan(plan, args.output, base_model_name_or_path=base_model_name(loaded))
         _result(f"wrote {', '.join(str(d) for d in dirs)}: {_summary(plan)} (total {time.perf_counter() - T0:.1f}s)")

@@ -30,6 +30,8 @@ TYPES: dict[str, tuple[str, bool]] = {
     "dare_linear": ("dare_linear", False), "dare_linear_svd": ("dare_linear", True),
     "dare_ties": ("dare_ties", False), "dare_ties_svd": ("dare_ties", True),
 }
+EXACT = "exact"   # the true weighted sum of the deltas: for LoRAs, `cat`; across methods, in a spec
+ALL_TYPES = (EXACT, *TYPES)
 SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # peft needs equal r for these
 IA3_TYPES = ("linear",)
 _LORA_KEY = re.compile(r"^(?P<layer>.+)\.(?P<which>lora_A|lora_B)\.weight$")
@@ -79,13 +81,15 @@ class _Adapter:
         return str(self.directory / "adapter_config.json")
 
 
-def _read_config(directory: str | Path) -> _Adapter:
+def _read_config(directory: str | Path, kind: str = "") -> _Adapter:
     d = Path(directory)
     cfg = read_adapter_config(d)
     peft_type = str(cfg.get("peft_type", ""))
     if peft_type not in ("LORA", "IA3"):
+        hint = ("; a spec combines additive adapters of any methods: `adapter mix: combine(0.5 * a, 0.5 * b)` "
+                "with a and b imported" if kind == EXACT else "")
         raise PeftcError(f"{d / 'adapter_config.json'}: peft_type {peft_type or '(missing)'!r}: `peftc combine` "
-                         "combines LORA (or IA3) checkpoints")
+                         f"combines LORA (or IA3) checkpoints{hint}")
     return _Adapter(d, cfg)
 
 
@@ -182,12 +186,22 @@ def _check_options(opts: Options, n: int, peft_type: str) -> str:
 
 def combine_checkpoints(dirs: Sequence[str | Path], opts: Options) -> Combined:
     """Read, check and combine PEFT checkpoints as peft's add_weighted_adapter would (nothing is written)."""
-    ads = [_read_config(d) for d in dirs]
+    ads = [_read_config(d, opts.type) for d in dirs]
     types = {a.config.get("peft_type") for a in ads}
     if len(types) > 1:
         shown = ", ".join(f"{a.cfg_file}: {a.config.get('peft_type')}" for a in ads)
-        raise PeftcError(f"cannot combine adapters of different methods ({shown})")
+        hint = (" into one checkpoint; a spec combines additive adapters of any methods: `adapter mix: "
+                "combine(0.5 * a, 0.5 * b)` with a and b imported" if opts.type == EXACT else "")
+        raise PeftcError(f"cannot combine adapters of different methods ({shown}){hint}")
     peft_type = ads[0].config["peft_type"]
+    if opts.type == EXACT:
+        if peft_type != "LORA":
+            raise PeftcError(f"--type exact sums the deltas of additive adapters; {peft_type} scales the weights "
+                             "(combine IA3 checkpoints with --type linear)")
+        if len(ads) > 1:   # the weighted sum of LoRA deltas is exactly peft's `cat`
+            done = combine_checkpoints(dirs, replace(opts, type="cat"))
+            done.type = EXACT
+            return done
     used = _check_options(opts, len(ads), peft_type)
     notes = []
     if used != opts.type:

@@ -30,6 +30,7 @@ class AdapterRecord:
     shared: dict[str, torch.Tensor] = field(default_factory=dict)  # saved key -> adapter-level tensor
     shared_each_layer: set[str] = field(default_factory=set)       # shared keys also written under every layer
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # config key -> {"<layer>.<suffix>": value}
+    unsavable: str | None = None     # why no PEFT checkpoint can hold this adapter (a term of a combination)
 
 
 @dataclass
@@ -47,12 +48,23 @@ def adapter_record(name: str, ap: AdapterPlan) -> AdapterRecord:
     rec = AdapterRecord(name, ap.method.name, dict(ap.options), {}, {}, merged=ap.merge, active=ap.active,
                         extra_config={k: v for k, v in ap.spec.extra_config.items() if not k.startswith("__")},
                         extra_tensors=dict(ap.base_weights))
+    rec.unsavable = unsavable(name, ap)
     for decl in ap.shared_decls:
         if decl.saved is not None:
             rec.shared[decl.saved] = ap.shared[decl.name]
             if decl.each_layer:
                 rec.shared_each_layer.add(decl.saved)
     return rec
+
+
+def unsavable(name: str, ap: AdapterPlan) -> str | None:
+    """Why no PEFT checkpoint can hold this planned adapter, or None."""
+    if ap.spec.delta_scale is None:
+        return None
+    comb, _ = ap.spec.extra_config["__combination"]
+    return (f"adapter '{name}' is a term of the exact combination '{comb}' (its delta scaled by "
+            f"{ap.spec.delta_scale:g}); no PEFT checkpoint holds a weighted sum of adapters of different methods "
+            "or of fresh ones: save the sources, or combine imported LoRA checkpoints")
 
 
 def add_layer(rec: AdapterRecord, layer: str, sa: Any, tensors: dict[str, torch.Tensor]) -> None:

@@ -36,6 +36,7 @@ from peftc.rewrite.fuse_shared_input import fuse_shared_input
 from peftc.rewrite.insert_adapters import insert_adapters
 from peftc.rewrite.rejoin_dense import rejoin_dense
 from peftc.rewrite.strip_bookkeeping import strip_bookkeeping
+from peftc.spec.combinations import expand_combinations
 from peftc.spec.model import Spec
 from peftc.spec.parse import parse_spec, read_spec
 from peftc.trace import trace
@@ -81,6 +82,7 @@ def check_spec(spec: Spec, lib: Library | None = None) -> None:
     """The checks that need no model (methods, options, clause names, regexes): run before the model is
     loaded so that a mistake in the spec is reported at once."""
     lib = lib or library().checked()
+    spec = expand_combinations(spec)
     for ad in spec.adapters.values():
         resolve_adapter(ad, spec, lib)
 
@@ -90,7 +92,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
                   dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0) -> Compiled:
     if dump_after is not None and dump_after not in PASSES:
         raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
-    sp = load_spec(spec)
+    sp = expand_combinations(load_spec(spec))   # combinations computed once, before the model loads
     check_spec(sp)
     with step("Loading model"):
         loaded = load_model(model, example_inputs)

@@ -45,6 +45,7 @@ from peftc.lang.methods import (
 from peftc.layer_kinds import KINDS
 from peftc.library import Library, library
 from peftc.ops import DTYPES, Init
+from peftc.spec.combinations import expand_combinations, scale_delta
 from peftc.spec.model import AdapterSpec, Span, Spec
 from peftc.targeting import (
     Layer,
@@ -130,9 +131,9 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
     if ad.import_dir is not None and ad.method is None:
         _check_clauses(ad, None, spec)
         _only_merge_and_exclude(ad, spec)
-        directory = _resolve_path(ad.import_dir, spec)
+        directory = ad.preloaded[2] if ad.preloaded else _resolve_path(ad.import_dir, spec)
         try:
-            config = read_adapter_config(directory)
+            config = ad.preloaded[0] if ad.preloaded else read_adapter_config(directory)
         except PeftcError as e:
             raise _err(str(e), ad.option_spans.get("import"), spec) from None
         method = lib.method_for_config(config)
@@ -144,6 +145,9 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
         imported.exclude += ad.exclude
         imported.option_spans = dict(ad.option_spans)
         imported.extra_config["__heads"] = task_head_candidates(config)
+        imported.preloaded, imported.seed_index, imported.delta_scale = ad.preloaded, ad.seed_index, ad.delta_scale
+        if "__combination" in ad.extra_config:
+            imported.extra_config["__combination"] = ad.extra_config["__combination"]
         ad = imported
     else:
         method = lib.method(ad.method) if ad.method in lib.methods else None
@@ -441,6 +445,13 @@ def _instantiate_layer(ad: AdapterSpec, method: MethodDef, options: dict[str, An
         where = f" on '{lname}'" if about_layer else ""
         span = ad.option_spans[opts[0]] if opts else ad.span
         raise _err(f"adapter '{name}'{where}: {e.message}", span, spec) from None
+    if ad.delta_scale is not None:
+        try:
+            prog = scale_delta(prog, ad.delta_scale)
+        except ValueError as e:
+            comb, span = ad.extra_config["__combination"]
+            raise _err(f"combination '{comb}' (type exact) sums the deltas of additive adapters, but {method.name} "
+                       f"on '{lname}' {e}", span, spec) from None
     if merge and not prog.mergeable:
         raise _err(f"adapter '{name}' cannot be merged into '{lname}' ({method.name} with these options "
                    "is not mergeable here); drop `merge` / --merge", ad.span, spec)
@@ -450,6 +461,7 @@ def _instantiate_layer(ad: AdapterSpec, method: MethodDef, options: dict[str, An
 def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: bool = False,
                seed: int = 0, lib: Library | None = None) -> Plan:
     lib = lib or library().checked()
+    spec = expand_combinations(spec)
     layers = layers_of(model)
     named = dict(model.named_modules())
     module_names = [n for n in named if n]
@@ -500,7 +512,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
         if ad.weights is not None or from_cfg:
             directory = _resolve_path(ad.weights, spec) if ad.weights is not None else ad.import_dir
             try:
-                ckpt = CheckpointTensors(*read_adapter_tensors(directory))
+                ckpt = CheckpointTensors(*(ad.preloaded[1:] if ad.preloaded else read_adapter_tensors(directory)))
             except PeftcError as e:
                 raise _err(str(e), ad.option_spans.get("weights") or ad.option_spans.get("import"), spec) from None
             if ad.weights is not None and not from_cfg:
@@ -515,7 +527,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                         raise _err(f"adapter '{name}' is {method.name} but {directory} holds a {other.name} adapter",
                                    ad.option_spans.get("weights"), spec)
                     _check_options_agree(ad, method, options, cfg, directory, spec)
-        gen = torch.Generator().manual_seed(seed + idx)
+        gen = torch.Generator().manual_seed(seed + (idx if ad.seed_index is None else ad.seed_index))
         targeted = [layers[n] for n in matched if n in layers]
         agg_dims = aggregate_dims(targeted)
         # every layer's program first (its `require`s checked), then the adapter's shared tensors, then each

@@ -29,6 +29,9 @@ def check_report(plan: Plan, model: nn.Module) -> str:
         state.append("active" if ap.active else "inactive")
         if ap.merge:
             state.append("merged")
+        if ap.spec.delta_scale is not None:
+            comb = ap.spec.extra_config["__combination"][0]
+            state.append(f"{ap.spec.delta_scale:g} x its delta in combination '{comb}'")
         opts = ", ".join(f"{k}={v!r}" for k, v in ap.options.items())
         lines.append(f"adapter {name}: {ap.method.name}({opts})  [{', '.join(state)}; weights: {ap.source}]")
         kinds: dict[str, int] = {}

@@ -4,6 +4,7 @@ transformers' load_adapter. The only adapter (or the one named 'default') goes a
 directory; other adapters go to a subfolder named after them, as peft does."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from torch import fx
 
 from peftc.checkpoint import PREFIX, SHARED_PREFIX, pattern_key_for, write_checkpoint
-from peftc.errors import PeftcError
+from peftc.errors import PeftcError, PeftcWarning
 from peftc.layer_kinds import KINDS
 from peftc.library import library
 from peftc.manifest import AdapterRecord, Manifest, records_from_plan
@@ -96,6 +97,12 @@ def write_adapters(manifest: Manifest, directory: str | Path, kinds: dict[str, s
     unknown = [n for n in names if n not in manifest.adapters]
     if unknown:
         raise PeftcError(f"no adapter named {unknown[0]!r}; this graph has {', '.join(manifest.adapters)}")
+    unsavable = [manifest.adapters[n].unsavable for n in names if manifest.adapters[n].unsavable]
+    if unsavable and (adapters or len(unsavable) == len(names)):
+        raise PeftcError(f"cannot save: {unsavable[0]}")
+    for why in unsavable:   # saving every adapter: those that can be saved are, the others are named
+        warnings.warn(f"not saved: {why}", PeftcWarning, stacklevel=2)
+    names = [n for n in names if not manifest.adapters[n].unsavable]
     root = Path(directory)
     written = []
     for name in names:

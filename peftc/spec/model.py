@@ -30,6 +30,14 @@ class PerPattern:
 
 
 @dataclass
+class Combination:
+    """`combine(0.7 * a, 0.3 * b, type = "ties", density = 0.5)`: weighted source adapters and the options of
+    the combination (peft's add_weighted_adapter types, or `exact`)."""
+    terms: list[tuple[float, str, Span]]              # (weight, source adapter, where it is written)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class AdapterSpec:
     name: str
     span: Span
@@ -47,6 +55,11 @@ class AdapterSpec:
     weights: str | None = None
     merge: bool = False
     extra_config: dict[str, Any] = field(default_factory=dict)
+    combine: Combination | None = None        # a combination of other adapters (expanded before planning)
+    # set by the expansion of a combination, never written in a spec:
+    delta_scale: float | None = None           # W' = W + delta_scale * delta (an `exact` combination's term)
+    seed_index: int | None = None              # which adapter's seed fresh tensors are drawn with (its position)
+    preloaded: tuple[dict[str, Any], dict[str, Any], str] | None = None  # (config, tensors, label) in memory
 
 
 @dataclass
@@ -58,4 +71,8 @@ class Spec:
     active_spans: dict[str, Span] = field(default_factory=dict)
 
     def active_names(self) -> list[str]:
-        return list(self.active) if self.active is not None else list(self.adapters)
+        """The `active` list, or else every adapter that no combination consumes."""
+        if self.active is not None:
+            return list(self.active)
+        used = {src for ad in self.adapters.values() if ad.combine for _, src, _ in ad.combine.terms}
+        return [n for n in self.adapters if n not in used]

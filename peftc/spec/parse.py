@@ -11,7 +11,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from peftc.errors import PeftcError
 from peftc.resources import grammar_text
-from peftc.spec.model import AdapterSpec, PerPattern, Span, Spec, TargetRule
+from peftc.spec.model import AdapterSpec, Combination, PerPattern, Span, Spec, TargetRule
 
 _parser: Lark | None = None
 
@@ -171,6 +171,12 @@ def _build(tree: Tree, text: str, file: str) -> Spec:
         if source.data == "import_source":
             ad.import_dir = pyast.literal_eval(str(source.children[0]))
             ad.option_spans["import"] = span(source.children[0])
+        elif source.data == "combine_source":
+            ad.combine = _combination(source, span, text, file)
+            ad.option_spans["combine"] = span(source)
+            for key in ad.combine.options:
+                ad.option_spans[key] = ad.combine.options[key][1]
+            ad.combine.options = {k: v for k, (v, _) in ad.combine.options.items()}
         else:
             ad.method = str(source.children[0])
             ad.option_spans["method"] = span(source.children[0])
@@ -220,6 +226,24 @@ def _build(tree: Tree, text: str, file: str) -> Spec:
                 ad.option_spans[str(opt_tok)] = span(opt_tok)
         spec.adapters[name] = ad
     return spec
+
+
+def _combination(source: Tree, span, text: str, file: str) -> Combination:
+    comb = Combination([])
+    opts: dict[str, tuple[object, Span]] = {}
+    for node in source.children:
+        if node.data == "term":
+            weight_tok, name_tok = node.children
+            weight = 1.0 if weight_tok is None else float(str(weight_tok))
+            comb.terms.append((weight, str(name_tok), span(name_tok)))
+        else:
+            key_tok, val = node.children
+            if str(key_tok) in opts:
+                raise PeftcError(f"option '{key_tok}' given twice", file=file, line=key_tok.line,
+                                 column=key_tok.column, source=text)
+            opts[str(key_tok)] = (_literal(val), span(key_tok))
+    comb.options = opts  # type: ignore[assignment]  # (value, span) until the caller splits them
+    return comb
 
 
 def _escape_name(name: str) -> str:
