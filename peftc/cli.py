@@ -7,6 +7,7 @@
     peftc inspect MODEL
     peftc import  ADAPTER_DIR... -o SPEC
     peftc combine ADAPTER_DIR... --weights W,... --type TYPE -o DIR   (peft's add_weighted_adapter)
+    peftc fmt     SPEC... [--check]           (the canonical form of specs)
 
 Bad input prints one message (file:line:col where known) and exits 1, with no traceback. It fails early:
 the output path (extension, writability) is checked first, then the spec is parsed (lark only); torch and
@@ -92,11 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     p = spec_model("save", "write the spec's adapters as a PEFT checkpoint (adapter_config.json + safetensors)")
     p.add_argument("-o", "--output", required=True, help="output directory")
 
-    spec_model("check", "show what each adapter matches and its parameter counts; write nothing")
+    p = spec_model("check", "show what each adapter matches and its parameter counts; write nothing")
+    p.add_argument("--json", action="store_true", help="print the report (or the error) as JSON, for scripts")
 
     p = sub.add_parser("inspect", help="list a model's targetable layers")
     p.add_argument("model", nargs="?", help="model reference (omit with --builtins)")
     p.add_argument("--builtins", action="store_true", help="list the built-in models")
+    p.add_argument("--json", action="store_true", help="print the layers (or the error) as JSON, for scripts")
     _model_args(p)
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
 
@@ -104,6 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("adapters", nargs="+", help="PEFT checkpoint directories")
     p.add_argument("-o", "--output", required=True, help="output .peft spec")
     p.add_argument("--merge", action="store_true", help="mark the imported adapters as merged")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
+
+    p = sub.add_parser("fmt", help="rewrite .peft specs in their canonical form",
+                       description="Rewrite each spec in its canonical form (layout, spacing, aligned end-of-line "
+                                   "comments; comments are kept). The formatted spec means exactly what it did.")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help=".peft spec files")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a spec is not in canonical form")
+    p.add_argument("--stdout", action="store_true", help="print the canonical form instead of rewriting the file")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
 
     p = sub.add_parser("combine", help="combine LoRA (or IA3) checkpoints into one, as peft's add_weighted_adapter",
@@ -134,6 +145,16 @@ def _note(quiet: bool, text: str) -> None:
 
 def _result(text: str) -> None:
     print(text, flush=True)
+
+
+def _json(data: object) -> None:
+    import json
+    print(json.dumps(data, indent=2), flush=True)
+
+
+def _json_error(e: PeftcError) -> None:
+    """`--json`: the error as JSON on stdout too (the message still goes to stderr)."""
+    _json({"ok": False, "error": {"message": e.message, "file": e.file, "line": e.line, "column": e.column}})
 
 
 def _warn(text: str) -> None:
@@ -240,9 +261,42 @@ def _combine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt(args: argparse.Namespace) -> int:
+    """`peftc fmt`: each spec formatted (in place, atomically, its permissions kept), or checked."""
+    import stat
+    from pathlib import Path
+
+    from peftc.atomic import atomic_write_bytes
+    from peftc.spec.format import format_spec
+    from peftc.spec.parse import read_spec
+    todo = []
+    for name in args.specs:
+        read_spec(name)                       # a missing file, a directory, a syntax error: located, before any write
+        text = Path(name).read_text()
+        todo.append((Path(name), text, format_spec(text, name)))
+    changed = 0
+    for path, text, done in todo:
+        if args.stdout:
+            sys.stdout.write(done)
+        elif done == text:
+            _note(args.quiet, f"{path}: already formatted")
+        elif args.check:
+            _result(f"would reformat {path}")
+            changed += 1
+        else:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            atomic_write_bytes(path, done.encode())
+            path.chmod(mode)
+            _result(f"reformatted {path}")
+            changed += 1
+    return 1 if args.check and changed else 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from peftc.progress import set_quiet
     set_quiet(args.quiet)
+    if args.cmd == "fmt":
+        return _fmt(args)
     _check_output(args)
     if args.cmd == "import":
         from peftc.importer import import_spec
@@ -256,13 +310,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "inspect":
         if args.builtins or not args.model:
             from peftc.builtin_models import BUILTINS
+            if args.json:
+                _json({"builtins": [{"name": n, "description": d} for n, (_, d) in BUILTINS.items()]})
+                return 0
             for name, (_, desc) in BUILTINS.items():
                 _result(f"{name:12s} {desc}")
             return 0
         from peftc.models import load_model
-        from peftc.report import inspect_report
+        from peftc.report import inspect_data, inspect_report
         _quiet_transformers()
-        _result(inspect_report(load_model(args.model, args.example_input).module))
+        module = load_model(args.model, args.example_input).module
+        if args.json:
+            _json(inspect_data(module))
+        else:
+            _result(inspect_report(module))
         return 0
     # every other command reads a spec: parse it (lark only, no torch) before anything slow happens
     from peftc.spec.parse import read_spec
@@ -284,8 +345,11 @@ def _run(args: argparse.Namespace) -> int:
             plan = build_plan(spec, loaded.module)
         _warnings(plan)
         if args.cmd == "check":
-            from peftc.report import check_report
+            from peftc.report import check_data, check_report
             _training_notes(plan, args.quiet)
+            if args.json:
+                _json({"ok": True, **check_data(plan, loaded.module)})
+                return 0
             _result(check_report(plan, loaded.module))
             _result("ok: no errors")
             return 0
@@ -337,10 +401,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     except PeftcError as e:
         print(f"peftc: error: {e}", file=sys.stderr)
+        if getattr(args, "json", False):
+            _json_error(e)
         return 1
     except KeyboardInterrupt:
         print("peftc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:   # the reader went away (`peftc inspect m | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:  # noqa: BLE001 - last line of defence: a message, not a traceback
         if os.environ.get("PEFTC_DEBUG"):
             raise

@@ -565,7 +565,7 @@ def test_version():
 
 
 @pytest.mark.parametrize("what", ["help", "version", "syntax error", "clause typo", "import", "wrong extension",
-                                  "unwritable", "combine output", "combine options"])
+                                  "unwritable", "combine output", "combine options", "fmt"])
 def test_quick_paths_do_not_import_torch(work, tmp_path, what):
     """--help, --version, a spec's syntax errors, `import`, output problems and `combine`'s option checks answer
     without importing torch (4-7 s): they are found before any work. benchmarks/bench_cli_startup.py times them."""
@@ -585,6 +585,7 @@ def test_quick_paths_do_not_import_torch(work, tmp_path, what):
                             tmp_path / "c.safetensors"], 1),
         "combine options": (["combine", work["adapter"], work["adapter"], "--weights", "1,1", "--type", "ties", "-o",
                              tmp_path / "c"], 1),
+        "fmt": (["fmt", "--check", typo, bad], 1),
     }[what]
     r = light_run(*argv)
     assert r.stderr.splitlines()[-1] == f"torch not imported {rc}", r.stderr
