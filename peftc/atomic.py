@@ -90,3 +90,41 @@ def finish_file(tmp: Path, path: Path) -> None:
     """Give a finished temp file the usual permissions and move it into place."""
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path` to write a whole output folder into; on success it becomes
+    `path` (a rename when `path` does not exist yet; else its files replace those in `path` one by one, each
+    by a rename, and other files there stay). On failure or interruption the temporary folder is removed and
+    `path` is as it was: a new output folder never appears half-written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PeftcError(f"output path {path} exists and is not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except (FileExistsError, NotADirectoryError):
+        raise PeftcError(f"cannot create output directory {path}: a file is in the way") from None
+    except OSError as e:
+        raise PeftcError(f"cannot create output directory {path}: {e.strerror}") from None
+    try:
+        yield tmp
+        mode = 0o777 & ~_umask()
+        if not path.exists():
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+            return
+        for src in sorted(tmp.rglob("*")):
+            dst = path / src.relative_to(tmp)
+            if src.is_dir():
+                dst.mkdir(exist_ok=True)
+                os.chmod(dst, mode)
+            else:
+                os.replace(src, dst)
+    except OSError as e:
+        raise PeftcError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -6,13 +6,14 @@ only/default one lives in a subfolder named after it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftc.atomic import atomic_write_bytes, check_dir_target
+from peftc.atomic import atomic_dir
 from peftc.errors import PeftcError
 from peftc.lang.methods import MethodDef, coerce_option
 from peftc.spec.model import AdapterSpec, PerPattern, Span, TargetRule
@@ -69,13 +70,22 @@ def read_adapter_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], Pat
             reason = str(e).strip() or type(e).__name__
             raise PeftcError(f"{st}: corrupt or truncated safetensors file ({reason})") from None
     if binf.exists():
+        import pickle
+
         import torch
         try:
             sd = torch.load(str(binf), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            why = next((ln for ln in lines if ln.startswith("Unsupported")), None)
+            raise PeftcError(f"{binf}: refused: it does not load with torch.load(weights_only=True), so it may run "
+                             f"code when unpickled{f' ({why})' if why else ''}; convert it to safetensors where you "
+                             "trust it") from None
         except Exception as e:  # noqa: BLE001 - pickle raises many kinds
             raise PeftcError(f"{binf}: corrupt adapter weights file ({type(e).__name__}: {e})") from None
-        if not isinstance(sd, dict):
-            raise PeftcError(f"{binf}: expected a state dict")
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in sd.items()):
+            raise PeftcError(f"{binf}: expected a state dict of named tensors, found {type(sd).__name__}")
         return sd, binf
     raise PeftcError(f"{p}: no {SAFETENSORS_NAME} or {BIN_NAME} found")
 
@@ -221,13 +231,16 @@ def task_head_candidates(config: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------- writing
-def write_checkpoint(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Write adapter_config.json and adapter_model.safetensors atomically."""
+def write_checkpoint(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], *,
+                     atomic: bool = True) -> None:
+    """Write adapter_config.json and adapter_model.safetensors, both at once (`atomic`), or straight into
+    `directory` when it is itself part of an output being written atomically."""
     from safetensors.torch import save
-    check_dir_target(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(directory / SAFETENSORS_NAME, save(tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    with atomic_dir(directory) if atomic else contextlib.nullcontext(directory) as out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SAFETENSORS_NAME).write_bytes(save(tensors, metadata={"format": "pt"}))
+        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def pattern_key_for(layer: str) -> str:

@@ -394,9 +394,21 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(args.cmd)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that unfinished outputs are cleaned up on the way out."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
+    import signal
+    import threading
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return _run(args)
     except PeftcError as e:
@@ -405,8 +417,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _json_error(e)
         return 1
     except KeyboardInterrupt:
-        print("peftc: interrupted", file=sys.stderr)
+        print("peftc: interrupted (unfinished outputs removed)", file=sys.stderr)
         return 130
+    except Terminated:
+        print("peftc: terminated (unfinished outputs removed)", file=sys.stderr)
+        return 143
     except BrokenPipeError:   # the reader went away (`peftc inspect m | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
@@ -416,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"peftc: internal error: {type(e).__name__}: {e}\n(set PEFTC_DEBUG=1 for a traceback, and please "
               "report it)", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

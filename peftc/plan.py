@@ -137,6 +137,9 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
         except PeftcError as e:
             raise _err(str(e), ad.option_spans.get("import"), spec) from None
         method = lib.method_for_config(config)
+        if method is None and not config.get("peft_type"):
+            raise _err(f"{directory}: adapter_config.json has no peft_type (is it a PEFT adapter checkpoint?)",
+                       ad.option_spans.get("import"), spec)
         if method is None:
             raise _err(f"{directory}: unsupported peft_type {config.get('peft_type')!r} "
                        f"(peftc supports {', '.join(lib.peft_types())})", ad.option_spans.get("import"), spec)
@@ -384,6 +387,11 @@ def _checkpoint_loader(ckpt: CheckpointTensors | None, prefix: str, dtype: torch
         if decl.optional and key not in ckpt:
             return None
         t = ckpt.take(key, decl.shape, what)
+        want_float = decl.dtype is None or DTYPES[decl.dtype].is_floating_point
+        if t.is_floating_point() != want_float:
+            kind = "a floating-point" if want_float else f"an integer ({decl.dtype})"
+            raise PeftcError(f"{ckpt.file}: tensor '{key}' has dtype {str(t.dtype).replace('torch.', '')}, expected "
+                             f"{kind} tensor ({what})")
         return t.to(dtype) if t.is_floating_point() and decl.dtype is None else t
     return load
 

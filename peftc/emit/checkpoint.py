@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from peftc.atomic import atomic_dir
 from peftc.checkpoint import PREFIX, SHARED_PREFIX, pattern_key_for, write_checkpoint
 from peftc.errors import PeftcError, PeftcWarning
 from peftc.layer_kinds import KINDS
@@ -105,9 +106,10 @@ def write_adapters(manifest: Manifest, directory: str | Path, kinds: dict[str, s
     names = [n for n in names if not manifest.adapters[n].unsavable]
     root = Path(directory)
     written = []
-    for name in names:
-        rec = manifest.adapters[name]
-        sub = root if len(names) == 1 or name == "default" else root / name
-        write_checkpoint(sub, adapter_config(rec, manifest, kinds), adapter_tensors(rec))
-        written.append(sub)
+    with atomic_dir(root) as tmp:    # every checkpoint appears at once, or none does
+        for name in names:
+            rec = manifest.adapters[name]
+            rel = Path() if len(names) == 1 or name == "default" else Path(name)
+            write_checkpoint(tmp / rel, adapter_config(rec, manifest, kinds), adapter_tensors(rec), atomic=False)
+            written.append(root / rel)
     return written
