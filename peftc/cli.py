@@ -8,6 +8,7 @@
     peftc import  ADAPTER_DIR... -o SPEC
     peftc combine ADAPTER_DIR... --weights W,... --type TYPE -o DIR   (peft's add_weighted_adapter)
     peftc fmt     SPEC... [--check]           (the canonical form of specs)
+    peftc graph   SPEC MODEL --layer NAME -o OUT.svg   (one layer's subgraph before and after the passes)
 
 Bad input prints one message (file:line:col where known) and exits 1, with no traceback. It fails early:
 the output path (extension, writability) is checked first, then the spec is parsed (lark only); torch and
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 T0 = time.perf_counter()  # as early as peftc can know: the total printed is the wall time the user waited
 PASS_NAMES = ("strip", "insert", "fold", "factor", "rejoin", "cse", "fuse", "dce")  # pipeline.PASSES, no torch import
 OUTPUT_SUFFIX = {"compile": ".pt2", "export": ".onnx", "import": ".peft"}
+GRAPH_SUFFIXES = (".svg", ".dot")
 FILE_SUFFIXES = {".pt2", ".onnx", ".peft", ".safetensors", ".json", ".bin", ".pt", ".pth"}
 
 
@@ -95,6 +97,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = spec_model("check", "show what each adapter matches and its parameter counts; write nothing")
     p.add_argument("--json", action="store_true", help="print the report (or the error) as JSON, for scripts")
+
+    p = spec_model("graph", "draw one adapted layer's subgraph as inserted and after the passes (.svg or .dot)")
+    p.add_argument("--layer", required=True, metavar="NAME", help="the layer (module name) to draw")
+    p.add_argument("-o", "--output", required=True, help="output .svg (or .dot) path")
+    p.add_argument("--merge", action="store_true", help="merge every active adapter first")
 
     p = sub.add_parser("inspect", help="list a model's targetable layers")
     p.add_argument("model", nargs="?", help="model reference (omit with --builtins)")
@@ -175,6 +182,8 @@ def _check_output(args: argparse.Namespace) -> None:
     if out is None:
         return
     p = Path(out)
+    if args.cmd == "graph" and p.suffix.lower() not in GRAPH_SUFFIXES:
+        raise PeftcError(f"output {p}: `peftc graph` writes a .svg or .dot file")
     want = OUTPUT_SUFFIX.get(args.cmd)
     if want is not None and p.suffix.lower() != want:
         other = [c for c, suf in OUTPUT_SUFFIX.items() if suf == p.suffix.lower()]
@@ -362,6 +371,8 @@ def _run(args: argparse.Namespace) -> int:
             dirs = save_plan(plan, args.output, base_model_name_or_path=base_model_name(loaded))
         _result(f"wrote {', '.join(str(d) for d in dirs)}: {_summary(plan)} (total {time.perf_counter() - T0:.1f}s)")
         return 0
+    if args.cmd == "graph":
+        return _graph(spec, args)
     from peftc.pipeline import compile_model
     t0 = time.perf_counter()
     merge = getattr(args, "merge", False)
@@ -400,6 +411,34 @@ class Terminated(BaseException):
 
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated()
+
+
+def _graph(spec: object, args: argparse.Namespace) -> int:
+    """`peftc graph`: the layer's subgraph after `insert` and after the last pass, side by side."""
+    from peftc.atomic import atomic_write_bytes
+    from peftc.graph_view import first_seen, render, snapshot
+    from peftc.pipeline import PASSES, compile_model
+    shots = []
+    made_by: dict[str, str] = {}
+
+    def observe(name: str, gm: object) -> None:
+        first_seen(gm, args.layer, name, made_by)
+        if name == "insert":
+            shots.append(snapshot(gm, args.layer, "as inserted (the declared weight transform)"))
+        if name == PASSES[-1]:
+            shots.append(snapshot(gm, args.layer, f"after every pass ({', '.join(PASSES[2:])})", made_by))
+
+    compiled = compile_model(spec, args.model, merge=args.merge, example_inputs=args.example_input, observe=observe)
+    adapted = sorted(compiled.plan.sites)
+    if args.layer not in adapted:
+        from peftc.errors import did_you_mean
+        raise PeftcError(f"--layer {args.layer}: no adapter of the spec is on that layer"
+                         f"{did_you_mean(args.layer, adapted)}; adapted layers: {', '.join(adapted[:8])}"
+                         + (f" and {len(adapted) - 8} more" if len(adapted) > 8 else ""))
+    atomic_write_bytes(args.output, render(shots, args.layer, args.output).encode())
+    nodes = [sum(k == "peftc" for k in s.kinds.values()) for s in shots]
+    _result(f"wrote {args.output}: {args.layer}, {nodes[0]} adapter nodes as inserted, {nodes[-1]} after the passes")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

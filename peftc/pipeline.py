@@ -89,7 +89,8 @@ def check_spec(spec: Spec, lib: Library | None = None) -> None:
 
 def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
                   example_inputs: list[str] | dict[str, torch.Tensor] | None = None,
-                  dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0) -> Compiled:
+                  dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0,
+                  observe: Callable[[str, fx.GraphModule], None] | None = None) -> Compiled:
     if dump_after is not None and dump_after not in PASSES:
         raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
     sp = expand_combinations(load_spec(spec))   # combinations computed once, before the model loads
@@ -118,6 +119,8 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
             gm = passes[name](gm).graph_module
         if dump_after == name:
             dump(f"# graph after pass '{name}'\n{describe(gm)}")
+        if observe is not None:   # `peftc graph`: the graph after each pass
+            observe(name, gm)
     dense = dense_layers(gm, {n: layer.shape for n, layer in plan.layers.items()}, manifest.live)
     gm.peftc = manifest
     gm.peftc_inputs = dict(loaded.inputs)
