@@ -152,10 +152,11 @@ def test_output_matching_rules():
 
 
 @pytest.mark.slow
-def test_readme_console_examples_are_true(tmp_path):
-    """Every `$ peftc ...` (and `$ cat`, `$ ls`) in the README's console blocks, run in order in a scratch
-    folder with examples/: the output must be what the README shows. A `$ cat FILE` of a file that does not
-    exist yet creates it from the README (the typo examples)."""
+@pytest.mark.parametrize("doc", [README, EXAMPLES.parent / "docs" / "tutorial.md"], ids=["README", "tutorial"])
+def test_readme_console_examples_are_true(doc, tmp_path):
+    """Every `$ peftc ...` (and `$ cat`, `$ ls`, `$ python`) in the console blocks of the README and the tutorial,
+    run in order in a scratch folder with examples/: the output must be what the document shows. A `$ cat FILE`
+    of a file that does not exist yet creates it from the document (the typo examples, the tutorial's scripts)."""
     import os
     import shutil
     import subprocess
@@ -165,14 +166,14 @@ def test_readme_console_examples_are_true(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PEFTC_DEBUG", "CI")}
     env["PYTHONPATH"] = str(EXAMPLES.parent) + os.pathsep + env.get("PYTHONPATH", "")
     peftc_cmd = f"{sys.executable} -m peftc.cli"
-    for steps in console_sessions(README.read_text()):
+    for steps in console_sessions(doc.read_text()):
         for command, want in steps:
             cmd = command.split("#")[0].strip() if "peftc" in command else command
             if cmd.startswith("cat ") and not (tmp_path / cmd[4:].strip()).exists():
                 (tmp_path / cmd[4:].strip()).write_text("\n".join(want) + "\n")
                 continue
-            run = re.sub(r"^peftc ", peftc_cmd + " ", cmd)
+            run = re.sub(r"^python ", sys.executable + " ", re.sub(r"^peftc ", peftc_cmd + " ", cmd))
             r = subprocess.run(run, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
             got = (r.stdout + r.stderr).splitlines()
-            assert output_matches(want, got), f"$ {command}\n--- README:\n" + "\n".join(want) + \
+            assert output_matches(want, got), f"$ {command}\n--- {doc.name}:\n" + "\n".join(want) + \
                 "\n--- got:\n" + "\n".join(got)
