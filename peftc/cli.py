@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from peftc.plan import Plan
 
 T0 = time.perf_counter()  # as early as peftc can know: the total printed is the wall time the user waited
-PASS_NAMES = ("strip", "insert", "fold", "factor", "stack", "rejoin", "cse", "fuse", "dce")  # pipeline.PASSES, no torch import
+# pipeline.PASSES, without importing torch
+PASS_NAMES = ("strip", "insert", "fold", "factor", "stack", "rejoin", "cse", "fuse", "dce")
 OUTPUT_SUFFIX = {"compile": ".pt2", "export": ".onnx", "import": ".peft"}
 FILE_SUFFIXES = {".pt2", ".onnx", ".peft", ".safetensors", ".json", ".bin", ".pt", ".pth"}
 

@@ -112,6 +112,13 @@ class _Emit:
         node.meta[RULE] = "stack"
         if "nn_module_stack" in self.meta_from.meta:
             node.meta["nn_module_stack"] = self.meta_from.meta["nn_module_stack"]
+        vals = fx.node.map_aggregate(list(args), lambda a: static_val(self.g.owning_module, a)
+                                     if isinstance(a, fx.Node) else a)
+        if not any(v is None for v in fx.node.map_aggregate(vals, lambda v: v) if not isinstance(v, (list, tuple))):
+            try:   # a weight-side node's shape (for `fuse`)
+                node.meta["peftc_val"] = target(*vals)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
         return node
 
 
@@ -198,9 +205,9 @@ def stack_adapters(selectable: Sequence[str] | None = None, live: dict[str, list
                     branch = _mask_rows(emit, branch, masks.rows(adapter), masks.batch)
                 total = emit(aten.add.Tensor, total, branch)
             for x, g in stacked.items():
-                a_cat = emit(aten.cat.default, [lr[1] for _, _, lr in g], 0)
-                b_cat = emit(aten.cat.default, [lr[2] if lr[3] == 1.0 else emit(aten.mul.Tensor, lr[2], lr[3])
-                                                for _, _, lr in g], 1)
+                bs = [lr[2] if lr[3] == 1.0 else emit(aten.mul.Tensor, lr[2], lr[3]) for _, _, lr in g]
+                a_cat = emit(aten.cat.default, [lr[1] for _, _, lr in g], 0) if len(g) > 1 else g[0][2][1]
+                b_cat = emit(aten.cat.default, bs, 1) if len(g) > 1 else bs[0]
                 h = emit(aten.linear.default, x, a_cat)
                 if masks is not None:
                     ranks = tuple((a, static_val(gm, lr[1]).shape[0]) for a, _, lr in g)
