@@ -70,7 +70,7 @@ def _setup(key: str, tmp: Path) -> Setup:
     for i, (name, make) in enumerate(makers.items()):
         configs[name] = make()
         pm = peft.get_peft_model(copy.deepcopy(MODELS[model]()), configs[name]).eval()
-        randomize_(pm, seed=10 + i, scale=0.2)
+        randomize_(pm, seed=10 + i)
         pm.save_pretrained(str(tmp / name))
         dirs[name] = tmp / name
     mixed = len({type(c) for c in configs.values()}) > 1

@@ -7,10 +7,13 @@ per adapter (found by provenance: each branch node carries its layer and its one
   product: `linear(linear(x, cat(A_i)), cat(s_i * B_i))` (the scalings fold into B). Sibling layers that read
   the same x then share one `x @ A` matmul (pass `fuse`);
 - with a per-row choice (`adapter_ids`, an int64 graph input of shape [batch]: row b takes adapter
-  `adapter_ids[b]` in declaration order, -1 the base model), multiplies the rank columns of the stacked
-  product by a [batch, total_r] 0/1 mask `adapter_ids[:, None] == column_adapter[None, :]` between the two
-  matmuls; any other additive branch (no low-rank form: LoHa, LoKr, ...) is multiplied by its adapter's
-  [batch] 0/1 mask. Fixed shapes, no loop over adapters, no split of the batch.
+  `adapter_ids[b]` in declaration order, -1 the base model): where one low-rank adapter reads x, its rank
+  columns are multiplied by a [batch, r] 0/1 mask `adapter_ids[:, None] == column_adapter[None, :]` between
+  the two matmuls; where several do, their A's and scaled B's are stacked along a new axis behind a zero slot
+  (the base model; ranks padded to the largest), each row gathers its own pair by id and two batched matmuls
+  run over its tokens (one adapter's work per row, not n). Any other additive branch (no low-rank form:
+  LoHa, LoKr, ...) is multiplied by its adapter's [batch] 0/1 mask. Fixed shapes, no loop over adapters, no
+  split of the batch.
 
 A bad id (< -1 or >= n) fails an `_assert_async` in torch (kept in a .pt2) and turns its row into NaN (what
 an ONNX model, which has no assert, returns for it): never a silently wrong row. With a per-row choice every
@@ -137,6 +140,7 @@ class _Masks:
              f"adapter_ids: every id must be -1 (the base model) or an adapter's index in the spec ({listed})")
         # 0 for a good row, NaN for a bad one: what reaches the outputs where no assert runs (ONNX)
         self.bad = emit(aten.where.Scalar, ok, 0.0, math.nan)
+        self.ok, self.safe = ok, None
         self.batch = emit(aten.sym_size.int, ids, 0)
 
     def _emit(self) -> _Emit:
@@ -158,6 +162,25 @@ class _Masks:
             m = emit(aten.add.Tensor, emit(aten.mul.Tensor, eq, 1.0), emit(aten.unsqueeze.default, self.bad, 1))
             self.cache[parts] = m
         return self.cache[parts]
+
+    def slots(self, adapters: tuple[str, ...]) -> fx.Node:
+        """[batch] int64: each row's slot among `adapters` (1 + position), 0 for the base model, any other
+        adapter and a bad id."""
+        key = ("slots", adapters)
+        if key not in self.cache:
+            table = torch.zeros(len(self.names) + 1, dtype=torch.int64)
+            for pos, a in enumerate(adapters):
+                table[self.index(a) + 1] = pos + 1
+            path = f"peftc_adapter_slots_{len(self.cache)}"
+            self.gm.register_buffer(path, table)
+            emit = self._emit()
+            with self.gm.graph.inserting_before(self.anchor):
+                t = self.gm.graph.get_attr(path)
+            if self.safe is None:
+                self.safe = emit(aten.where.self, self.ok, emit(aten.add.Tensor, self.ids, 1),
+                                 emit(aten.mul.Tensor, self.ids, 0))
+            self.cache[key] = emit(aten.index_select.default, t, 0, self.safe)
+        return self.cache[key]
 
     def rows(self, adapter: str) -> fx.Node:
         """[batch] float mask: 1 where the row's id is `adapter`."""
@@ -206,6 +229,10 @@ def stack_adapters(selectable: Sequence[str] | None = None, live: dict[str, list
                 total = emit(aten.add.Tensor, total, branch)
             for x, g in stacked.items():
                 bs = [lr[2] if lr[3] == 1.0 else emit(aten.mul.Tensor, lr[2], lr[3]) for _, _, lr in g]
+                if masks is not None and len(g) > 1:
+                    y = _gathered(gm, emit, x, g, bs, head, masks)
+                    total = emit(aten.add.Tensor, total, y)
+                    continue
                 a_cat = emit(aten.cat.default, [lr[1] for _, _, lr in g], 0) if len(g) > 1 else g[0][2][1]
                 b_cat = emit(aten.cat.default, bs, 1) if len(g) > 1 else bs[0]
                 h = emit(aten.linear.default, x, a_cat)
@@ -236,6 +263,30 @@ def stack_adapters(selectable: Sequence[str] | None = None, live: dict[str, list
         return PassResult(gm, modified)
 
     return run
+
+
+def _gathered(gm: fx.GraphModule, emit: _Emit, x: fx.Node, g: list, bs: list[fx.Node], head: fx.Node,
+              masks: _Masks) -> fx.Node:
+    """A per-row choice among several low-rank adapters, with one adapter's work per row: the adapters' A and
+    (scaled) B stacked along a new first axis behind a zero slot (the base model), ranks padded to the largest,
+    each row's pair gathered by its id, then two batched matmuls over the row's tokens."""
+    ranks = [static_val(gm, lr[1]).shape[0] for _, _, lr in g]
+    r_max, d_in = max(ranks), static_val(gm, g[0][2][1]).shape[1]
+    a_rows = [lr[1] if r == r_max else emit(aten.constant_pad_nd.default, lr[1], [0, 0, 0, r_max - r])
+              for (_, _, lr), r in zip(g, ranks)]
+    b_rows = [b if r == r_max else emit(aten.constant_pad_nd.default, b, [0, r_max - r]) for b, r in zip(bs, ranks)]
+    zero_slot = [0, 0, 0, 0, 1, 0]
+    a_st = emit(aten.constant_pad_nd.default, emit(aten.stack.default, a_rows, 0), zero_slot)   # [k+1, r, in]
+    b_st = emit(aten.constant_pad_nd.default, emit(aten.stack.default, b_rows, 0), zero_slot)   # [k+1, out, r]
+    slot = masks.slots(tuple(a for a, _, _ in g))
+    a_g = emit(aten.index_select.default, a_st, 0, slot)
+    b_g = emit(aten.index_select.default, b_st, 0, slot)
+    xr = emit(aten.reshape.default, x, [masks.batch, -1, d_in])
+    h = emit(aten.bmm.default, xr, emit(aten.transpose.int, a_g, 1, 2))
+    y = emit(aten.bmm.default, h, emit(aten.transpose.int, b_g, 1, 2))
+    bad = emit(aten.type_as.default, masks.bad, y)
+    y = emit(aten.add.Tensor, y, emit(aten.unsqueeze.default, emit(aten.unsqueeze.default, bad, 1), 2))
+    return emit(aten.reshape_as.default, y, head)
 
 
 def _mask_rows(emit: _Emit, branch: fx.Node, mask: fx.Node, batch: fx.Node) -> fx.Node:
