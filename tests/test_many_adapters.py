@@ -243,3 +243,12 @@ def test_inactive_adapters_are_selectable(setups):
     inputs = inputs_for(s.model)
     want = _peft_rows(pm, s, inputs, [1, 1, -1])
     assert max_diff(run_logits(gm, {**inputs, "adapter_ids": torch.tensor([1, 1, -1])}), want) <= TOL
+
+
+def test_per_row_choice_follows_the_module_dtype(setups, per_row):
+    s = setups["llama"]
+    gm = copy.deepcopy(per_row["llama"][0])
+    feed = {**inputs_for(s.model), "adapter_ids": torch.tensor([-1, 0, 1])}
+    want = run_logits(gm, feed)
+    got = run_logits(gm.to(torch.bfloat16), feed)
+    assert got.dtype == torch.bfloat16 and max_diff(got.float(), want) < 0.05

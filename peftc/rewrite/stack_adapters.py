@@ -115,11 +115,10 @@ class _Emit:
         node.meta[RULE] = "stack"
         if "nn_module_stack" in self.meta_from.meta:
             node.meta["nn_module_stack"] = self.meta_from.meta["nn_module_stack"]
-        vals = fx.node.map_aggregate(list(args), lambda a: static_val(self.g.owning_module, a)
-                                     if isinstance(a, fx.Node) else a)
-        if not any(v is None for v in fx.node.map_aggregate(vals, lambda v: v) if not isinstance(v, (list, tuple))):
-            try:   # a weight-side node's shape (for `fuse`)
-                node.meta["peftc_val"] = target(*vals)
+        gm = self.g.owning_module
+        if all(static_val(gm, a) is not None for a in node.all_input_nodes):
+            try:   # a weight-side node's meta value (its shape, for `fuse`)
+                node.meta["peftc_val"] = target(*fx.node.map_arg(args, lambda a: static_val(gm, a)))
             except Exception:  # noqa: BLE001 - best effort
                 pass
         return node
