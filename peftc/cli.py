@@ -1,7 +1,7 @@
 """The `peftc` command line (argparse: in the standard library, and enough for a handful of subcommands).
 
-    peftc compile SPEC MODEL -o OUT.pt2 [--merge] [--train] [--dump-after PASS]
-    peftc export  SPEC MODEL -o OUT.onnx [--merge] [--no-check]
+    peftc compile SPEC MODEL -o OUT.pt2 [--merge] [--train] [--adapter-ids] [--dump-after PASS]
+    peftc export  SPEC MODEL -o OUT.onnx [--merge] [--no-check] [--adapter-ids]
     peftc save    SPEC MODEL -o DIR            (PEFT checkpoint of the spec's adapters)
     peftc check   SPEC MODEL
     peftc inspect MODEL
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from peftc.plan import Plan
 
 T0 = time.perf_counter()  # as early as peftc can know: the total printed is the wall time the user waited
-PASS_NAMES = ("strip", "insert", "fold", "factor", "rejoin", "cse", "fuse", "dce")  # pipeline.PASSES, no torch import
+# pipeline.PASSES, without importing torch
+PASS_NAMES = ("strip", "insert", "fold", "factor", "stack", "rejoin", "cse", "fuse", "dce")
 OUTPUT_SUFFIX = {"compile": ".pt2", "export": ".onnx", "import": ".peft"}
 GRAPH_SUFFIXES = (".svg", ".dot")
 FILE_SUFFIXES = {".pt2", ".onnx", ".peft", ".safetensors", ".json", ".bin", ".pt", ".pth"}
@@ -82,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .pt2 path")
     p.add_argument("--merge", action="store_true", help="fold every active adapter into the base weights")
     p.add_argument("--train", action="store_true", help="compile for training (adapter dropout active)")
+    p.add_argument("--adapter-ids", action="store_true",
+                   help="one more input, adapter_ids (int64, [batch]): row b runs the spec's adapter_ids[b]-th adapter "
+                        "(declaration order), -1 the base model")
     p.add_argument("--dump-after", metavar="PASS", choices=PASS_NAMES,
                    help="print the graph after PASS: " + ", ".join(PASS_NAMES))
 
@@ -89,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .onnx path")
     p.add_argument("--merge", action="store_true", help="fold every active adapter into the base weights")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    p.add_argument("--adapter-ids", action="store_true",
+                   help="one more input, adapter_ids (int64, [batch]): row b runs the spec's adapter_ids[b]-th adapter "
+                        "(declaration order), -1 the base model")
     p.add_argument("--tol", type=float, default=1e-4, help="max abs diff allowed between onnxruntime and torch")
     p.add_argument("--dump-after", metavar="PASS", choices=PASS_NAMES, help="print the graph after PASS")
 
@@ -377,7 +384,8 @@ def _run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     merge = getattr(args, "merge", False)
     compiled = compile_model(spec, args.model, merge=merge, train=getattr(args, "train", False),
-                             example_inputs=args.example_input, dump_after=getattr(args, "dump_after", None))
+                             example_inputs=args.example_input, dump_after=getattr(args, "dump_after", None),
+                             adapter_ids=getattr(args, "adapter_ids", False))
     t_compile = time.perf_counter() - t0
     gm = compiled.gm
     _warnings(compiled.plan)
@@ -389,6 +397,9 @@ def _run(args: argparse.Namespace) -> int:
         _note(args.quiet, f"note: no factoring rule fits {len(dense)} layer(s) ({names}): "
                           "their adapted weight is rebuilt on every forward (correct, slower; --merge avoids it)")
     summary = _summary(compiled.plan)
+    if getattr(args, "adapter_ids", False):
+        order = ", ".join(f"{i} = {a}" for i, a in enumerate(compiled.plan.adapters))
+        summary += f"; input adapter_ids chooses per row: {order}, -1 = base"
     if args.cmd == "compile":
         from peftc.emit.pt2 import save_pt2
         save_pt2(gm, args.output)

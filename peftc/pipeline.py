@@ -1,6 +1,6 @@
 """The compile pipeline: spec + model -> plan -> traced graph -> passes -> adapted GraphModule.
 
-    strip -> insert -> fold -> factor -> cse -> fuse -> dce
+    strip -> insert -> fold -> factor -> stack -> rejoin -> cse -> fuse -> dce
 
 `strip` first removes torch.export's bookkeeping (metadata asserts, identity casts) and makes the graph follow
 its parameters' dtype, so every later pass (and `--dump-after`) sees the model's own computation.
@@ -11,6 +11,7 @@ merged transform into a constant, so the factoring rules only ever see live adap
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from peftc.rewrite.fold_frozen import fold_frozen
 from peftc.rewrite.fuse_shared_input import fuse_shared_input
 from peftc.rewrite.insert_adapters import insert_adapters
 from peftc.rewrite.rejoin_dense import rejoin_dense
+from peftc.rewrite.stack_adapters import IDS, stack_adapters
 from peftc.rewrite.strip_bookkeeping import strip_bookkeeping
 from peftc.spec.combinations import expand_combinations
 from peftc.spec.model import Spec
@@ -42,7 +44,7 @@ from peftc.spec.parse import parse_spec, read_spec
 from peftc.trace import trace
 
 _PRESERVED = "_user_preserved_attributes"   # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
-PASSES = ("strip", "insert", "fold", "factor", "rejoin", "cse", "fuse", "dce")
+PASSES = ("strip", "insert", "fold", "factor", "stack", "rejoin", "cse", "fuse", "dce")
 
 
 @dataclass
@@ -87,20 +89,52 @@ def check_spec(spec: Spec, lib: Library | None = None) -> None:
         resolve_adapter(ad, spec, lib)
 
 
+def selectable_spec(sp: Spec, merge: bool) -> Spec:
+    """The spec a per-row adapter choice compiles: every declared adapter live (the `active` line does not
+    apply: `adapter_ids` chooses per row); a merged adapter is an error (it would act on every row)."""
+    merged = [a for a in sp.adapters.values() if a.merge]
+    if merge or merged:
+        where = f"adapter '{merged[0].name}' is declared with `merge`" if merged else "--merge folds every adapter"
+        raise PeftcError(f"--adapter-ids: {where}, but a per-row choice needs every adapter live "
+                         "(a merged adapter would act on every row)")
+    if not sp.adapters:
+        raise PeftcError("--adapter-ids: the spec declares no adapter")
+    return dataclasses.replace(sp, active=None)
+
+
+def with_adapter_ids(inputs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """The example inputs plus `adapter_ids` ([batch] int64: -1, 0, 1, ... cycling over the adapters)."""
+    if IDS in inputs:
+        raise PeftcError(f"--adapter-ids: the model already has an input named '{IDS}'")
+    batch = next((t.shape[0] for t in inputs.values() if t.dim() >= 1), 1)
+    return {**inputs, IDS: torch.arange(batch, dtype=torch.int64) % (n + 1) - 1}
+
+
 def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
                   example_inputs: list[str] | dict[str, torch.Tensor] | None = None,
                   dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0,
-                  observe: Callable[[str, fx.GraphModule], None] | None = None) -> Compiled:
+                  observe: Callable[[str, fx.GraphModule], None] | None = None,
+                  adapter_ids: bool = False) -> Compiled:
     if dump_after is not None and dump_after not in PASSES:
         raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
     sp = expand_combinations(load_spec(spec))   # combinations computed once, before the model loads
     check_spec(sp)
+    if adapter_ids:
+        sp = selectable_spec(sp, merge)
     with step("Loading model"):
         loaded = load_model(model, example_inputs)
     with step("Planning adapters"):
         plan = build_plan(sp, loaded.module, merge_all=merge, train=train, seed=seed)
+    selectable = list(sp.adapters) if adapter_ids else None
+    if adapter_ids:
+        with_mts = [a for a, ap in plan.adapters.items() if ap.modules_to_save]
+        if with_mts:
+            raise PeftcError(f"--adapter-ids: adapter '{with_mts[0]}' has `save` modules (modules_to_save); "
+                             "a per-row choice of those is not supported yet")
+        loaded.inputs = with_adapter_ids(loaded.inputs, len(selectable))
+    live = {lname: [sa.adapter for sa in sas if sa.active and not sa.merge] for lname, sas in plan.sites.items()}
     with step("Tracing (torch.export)"):
-        gm = trace(loaded.module, loaded.inputs)
+        gm = trace(loaded.module, loaded.inputs, extra=(IDS,) if adapter_ids else ())
     manifest = Manifest(base_model_name_or_path=base_model_name(loaded))
     rule_log: list[str] = []
     rule_hits: Counter = Counter()
@@ -109,6 +143,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         "insert": insert_adapters(plan, manifest),
         "fold": fold_frozen(manifest),
         "factor": factor(library().checked().rules, rule_log, rule_hits),
+        "stack": stack_adapters(selectable, live),
         "rejoin": rejoin_dense(),
         "cse": eliminate_common_subexpressions(),
         "fuse": fuse_shared_input(manifest),
@@ -134,11 +169,15 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
 
 
 def compile(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
-            example_inputs: list[str] | dict[str, torch.Tensor] | None = None, seed: int = 0) -> fx.GraphModule:
+            example_inputs: list[str] | dict[str, torch.Tensor] | None = None, seed: int = 0,
+            adapter_ids: bool = False) -> fx.GraphModule:
     """Compile `spec` onto `model` and return the adapted fx GraphModule.
 
     `spec`: a .peft path, spec text, or Spec. `model`: an nn.Module or any MODEL reference the CLI takes.
     `merge`: fold every active adapter into the base weights. `train`: include adapter dropout (the module
     is returned in training mode; unmerged adapter tensors require grad either way, base weights never do).
+    `adapter_ids`: the graph takes one more input, `adapter_ids` (int64, [batch]): row b runs the spec's
+    `adapter_ids[b]`-th adapter (declaration order), -1 the base model.
     """
-    return compile_model(spec, model, merge=merge, train=train, example_inputs=example_inputs, seed=seed).gm
+    return compile_model(spec, model, merge=merge, train=train, example_inputs=example_inputs, seed=seed,
+                         adapter_ids=adapter_ids).gm

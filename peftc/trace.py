@@ -43,7 +43,8 @@ class _Plain(nn.Module):
     """The model's modules, parameters and buffers under their own names (so the graph's paths are the model's),
     with a forward that calls the model without cache and returns plain outputs. The model is not changed."""
 
-    def __init__(self, model: nn.Module, call_kwargs: dict[str, Any], input_names: list[str]) -> None:
+    def __init__(self, model: nn.Module, call_kwargs: dict[str, Any], input_names: list[str],
+                 extra: tuple[str, ...] = ()) -> None:
         super().__init__()
         self._modules.update(model._modules)
         self._parameters.update(model._parameters)
@@ -52,6 +53,7 @@ class _Plain(nn.Module):
         model_ = model
 
         def forward(**inputs: torch.Tensor) -> Any:
+            inputs = {k: v for k, v in inputs.items() if k not in extra}   # graph inputs the model never sees
             out = plain_outputs(model_(**inputs, **call_kwargs))
             if out is None:
                 raise PeftcError(f"{type(model_).__name__} returned no tensor")
@@ -131,8 +133,10 @@ def dynamic_axes(ep: torch.export.ExportedProgram, inputs: dict[str, torch.Tenso
 
 
 def export_program(module: nn.Module, inputs: dict[str, torch.Tensor],
-                   axes: dict[str, dict[int, str]] | None = None) -> torch.export.ExportedProgram:
-    wrapped = _Plain(module, trace_kwargs(module), list(inputs))
+                   axes: dict[str, dict[int, str]] | None = None, extra: tuple[str, ...] = ()
+                   ) -> torch.export.ExportedProgram:
+    """`extra`: inputs that become graph inputs without being passed to the model (for the passes to use)."""
+    wrapped = _Plain(module, trace_kwargs(module), list(inputs), extra)
     try:
         return torch.export.export(wrapped, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs, axes),
                                    strict=False)
@@ -144,11 +148,12 @@ def export_program(module: nn.Module, inputs: dict[str, torch.Tensor],
                          f"{ {k: list(v.shape) for k, v in inputs.items()} }: {type(e).__name__}: {first}") from None
 
 
-def trace(module: nn.Module, inputs: dict[str, torch.Tensor]) -> fx.GraphModule:
+def trace(module: nn.Module, inputs: dict[str, torch.Tensor], extra: tuple[str, ...] = ()) -> fx.GraphModule:
     """The model as a plain (trainable) fx GraphModule over ATen ops, parameters as get_attr nodes.
 
-    `gm.peftc_axes` records the dynamic axes and their names, for re-exporting (.pt2, ONNX)."""
-    ep = export_program(module, inputs)
+    `gm.peftc_axes` records the dynamic axes and their names, for re-exporting (.pt2, ONNX). `extra` names
+    inputs (in `inputs`) that the graph takes but the model does not (`adapter_ids`)."""
+    ep = export_program(module, inputs, extra=extra)
     unlifted = ep.module()
     gm = fx.GraphModule(unlifted, unlifted.graph)   # a plain GraphModule: .train()/.eval() work
     # Frozen parameters of our own that share storage with the model's: the caller's module keeps its
