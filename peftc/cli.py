@@ -197,8 +197,8 @@ def _check_output(args: argparse.Namespace) -> None:
     elif p.is_dir():
         raise PeftcError(f"output path {p} is a directory; give a file name")
     if args.cmd == "merge":
-        from peftc.stream_merge import check_out_dir
-        check_out_dir(p, Path(args.model) if Path(args.model).is_dir() else None)
+        from peftc.atomic import check_new_dir
+        check_new_dir(p, Path(args.model) if Path(args.model).is_dir() else None)
     check_writable(p)
 
 

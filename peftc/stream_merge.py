@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftc.atomic import check_new_dir
 from peftc.errors import PeftcError
 from peftc.library import Library
 from peftc.merged_weight import merged_layer, realize_site
@@ -189,23 +190,11 @@ def check_mergeable(plan: Plan, spec: Spec, command: str = "peftc merge") -> Non
                     "export` without --merge), or leave it out of `active`", plan.adapters[sa.adapter].spec.span, spec)
 
 
-def check_out_dir(out: Path, model_dir: Path | None = None) -> None:
-    """OUT_DIR must be new (or an empty folder), not the input, and its parent writable."""
-    from peftc.atomic import check_writable
-    if model_dir is not None and out.resolve() == Path(model_dir).resolve():
-        raise PeftcError(f"output {out} is the input model directory; inputs are never modified: give another folder")
-    if out.exists() and not out.is_dir():
-        raise PeftcError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise PeftcError(f"output directory {out} exists and is not empty; give a new folder (or remove it)")
-    check_writable(out)
-
-
 def merge_checkpoint(spec: Spec, model_dir: str | Path, out_dir: str | Path, *, seed: int = 0,
                      lib: Library | None = None) -> MergeResult:
     """Write `out_dir`: the model of `model_dir` with every active adapter of `spec` merged (see module doc)."""
     d, out = Path(model_dir), Path(out_dir)
-    check_out_dir(out, d)
+    check_new_dir(out, d)
     ck = read_checkpoint(d)
     config = _json(d / "config.json")
     if not isinstance(config, dict):

@@ -87,6 +87,9 @@ def test_merge_sharded_tied_equals_peft_unmerged(tied, tied_merged, capsys):
     want = _logits(pm, ids)
     assert max_diff(_logits(merged, ids), want) <= TOL
     assert max_diff(_logits(base, ids), want) > CHANGED
+    unmerged = peftc.compile(root / "spec.peft", copy.deepcopy(base))    # peftc's own unmerged graph
+    with torch.no_grad():
+        assert max_diff(unmerged(input_ids=ids)["logits"], _logits(merged, ids)) <= TOL
 
 
 def test_merge_equals_fold_and_keeps_bf16(tmp_path):
