@@ -218,7 +218,7 @@ def merge_checkpoint(spec: Spec, model_dir: str | Path, out_dir: str | Path, *, 
             targets[layer.bias] = (lname, "bias")
     replace: dict[str, torch.Tensor] = {}
     for ap in plan.adapters.values():
-        if ap.active:
+        if ap.active and ap.source != "fresh":   # a fresh copy is the base module itself (here: its stand-in)
             for mod, params in ap.modules_to_save.items():
                 replace.update({f"{mod}.{p}": t for p, t in params.items()})
     replace.update({f: t for f, t in plan.base_overrides.items() if f not in targets})

@@ -43,11 +43,13 @@ def _save(model, d: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tied(tmp_path_factory):
-    """A tied tiny Llama in several shards, and a peft LoRA on its tied embedding and q/v (saved)."""
+    """A tied tiny Llama in several shards, and a peft LoRA on its tied embedding and q/v, with a trained copy of
+    the (tied) head (modules_to_save), saved."""
     root = tmp_path_factory.mktemp("merge-tied")
     base = _llama(True)
     _save(base, root / "model")
-    pm = peft.get_peft_model(copy.deepcopy(base), lora(target_modules=["embed_tokens", "q_proj", "v_proj"])).eval()
+    config = lora(target_modules=["embed_tokens", "q_proj", "v_proj"], modules_to_save=["lm_head"])
+    pm = peft.get_peft_model(copy.deepcopy(base), config).eval()
     randomize_(pm, 1)
     pm.save_pretrained(root / "adapter")
     (root / "spec.peft").write_text('adapter a: import "adapter"\n')
