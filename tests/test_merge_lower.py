@@ -19,7 +19,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import CHANGED, TOL, VOCAB, inputs_for, logits_of, lora, max_diff, peft_adapter, randomize_
+from conftest import CHANGED, TOL, VOCAB, gpt2, inputs_for, logits_of, lora, max_diff, peft_adapter, randomize_
 
 import peftc
 from peftc.cli import main
@@ -119,6 +119,23 @@ def test_merge_equals_fold_and_keeps_bf16(tmp_path):
         assert torch.equal(p, sd[name]), name
         changed += not torch.equal(p, base.get_parameter(name))
     assert changed == 6
+
+
+def test_merge_gpt2_conv1d_and_tied_wte(tmp_path):
+    """GPT-2: Conv1D weights stored (in, out) and a LoRA on the embedding `wte`, which the head reads too."""
+    import transformers as T
+    base = gpt2()
+    base.save_pretrained(tmp_path / "model", max_shard_size="100KB")
+    config = lora(target_modules=["c_attn", "c_fc", "wte"], fan_in_fan_out=True)
+    pm = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    randomize_(pm, 1)
+    pm.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "s.peft").write_text('adapter a: import "adapter"\n')
+    assert main(["-q", "merge", str(tmp_path / "s.peft"), str(tmp_path / "model"), "-o", str(tmp_path / "out")]) == 0
+    merged = T.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    x = inputs_for("gpt2")
+    want = peftc_logits(pm, x)
+    assert max_diff(peftc_logits(merged, x), want) <= TOL and max_diff(peftc_logits(base, x), want) > CHANGED
 
 
 def _corrupt_missing_shard(model: Path) -> str:
