@@ -318,16 +318,21 @@ def _lower(args: argparse.Namespace, spec: Spec, rank: int | None, max_error: fl
     from peftc.pipeline import base_model_name, check_spec
     from peftc.plan import build_plan
     from peftc.progress import step
+    from peftc.stream_merge import check_mergeable, is_safetensors_dir, skeleton_plan
     check_spec(spec)
-    with step("Loading model"):
-        loaded = load_model(args.model, args.example_input)
-    with step("Planning adapters"):
-        plan = build_plan(spec, loaded.module)
+    if is_safetensors_dir(args.model):   # a model directory: planned on its skeleton, weights read per layer
+        plan, _, _, read = skeleton_plan(spec, args.model)
+        module, base_name = None, str(args.model)
+    else:
+        with step("Loading model"):
+            loaded = load_model(args.model, args.example_input)
+        with step("Planning adapters"):
+            plan = build_plan(spec, loaded.module)
+        module, read, base_name = loaded.module, None, base_model_name(loaded)
     _warnings(plan)
-    from peftc.stream_merge import check_mergeable
     check_mergeable(plan, spec, "peftc lower")
     with step("Lowering (SVD of each layer's update)"):
-        low = lower_plan(plan, loaded.module, rank, max_error)
+        low = lower_plan(plan, module, rank, max_error, read)
     width = max(len(l.name) for l in low.layers)
     lines = [f"{'layer':{width}s}  {'kind':9s}  {'rank':>4s}  rel. error"]
     lines += [f"{l.name:{width}s}  {l.kind:9s}  {l.rank:4d}  {l.error:.2e}" for l in low.layers]
@@ -337,7 +342,7 @@ def _lower(args: argparse.Namespace, spec: Spec, rank: int | None, max_error: fl
         raise PeftcError(f"layer '{worst.name}': relative error {worst.error:.2e} at rank {worst.rank} is above "
                          f"--max-error {max_error:g} (nothing written; raise --rank, or use --rank auto)")
     with step("Writing PEFT checkpoint"):
-        out = write_lowered(low, args.output, {n: l.kind for n, l in plan.layers.items()}, base_model_name(loaded))
+        out = write_lowered(low, args.output, {n: l.kind for n, l in plan.layers.items()}, base_name)
     active = [n for n, ap in plan.adapters.items() if ap.active]
     ranks = sorted({l.rank for l in low.layers})
     rank_s = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from torch import nn
 
 from peftc.errors import PeftcError
 from peftc.manifest import AdapterRecord, Manifest
-from peftc.merged_weight import fold_layer
+from peftc.merged_weight import fold_layer, realize_site
 from peftc.plan import Plan
 
 LOWERABLE = ("linear", "conv1d_hf", "conv1d", "conv2d", "conv3d", "embedding")
@@ -108,9 +109,19 @@ def lower_layer(name: str, kind: str, weight: torch.Tensor, bias: torch.Tensor |
     return LoweredLayer(name, kind, r, err, min(delta.shape), _factors(kind, tuple(weight.shape), b, a), db)
 
 
-def lower_plan(plan: Plan, model: nn.Module, rank: int | None, max_error: float | None) -> Lowered:
-    """Every layer the spec's active adapters touch, lowered to one LoRA adapter ('default')."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+def lower_plan(plan: Plan, model: nn.Module | None, rank: int | None, max_error: float | None,
+               read: Callable[[str], torch.Tensor] | None = None) -> Lowered:
+    """Every layer the spec's active adapters touch, lowered to one LoRA adapter ('default').
+
+    Weights come from `model`, or, for a plan made on a model skeleton (`peftc lower` on a safetensors model
+    directory), from `read(fqn)` one layer at a time; then what the adapters compute from the base weight is
+    recomputed from the real one (`merged_weight.realize_site`)."""
+    if read is None:
+        assert model is not None
+        params = dict(model.named_parameters(remove_duplicate=False))
+
+        def read(fqn: str) -> torch.Tensor:
+            return params[fqn].detach()
     shared = {name: ap.shared for name, ap in plan.adapters.items()}
     out: list[LoweredLayer] = []
     for lname, sas in plan.sites.items():
@@ -123,8 +134,11 @@ def lower_plan(plan: Plan, model: nn.Module, rank: int | None, max_error: float 
                              f"{', '.join(LOWERABLE)} layers, not {layer.kind}")
         if layer.kind.startswith("conv") and layer.kind != "conv1d_hf" and layer.dims.get("groups", 1) != 1:
             raise PeftcError(f"layer '{lname}': a grouped convolution cannot be lowered to LoRA")
-        weight = params[layer.weight].detach()
-        bias = params[layer.bias].detach() if layer.bias else None
+        weight = read(layer.weight)
+        bias = read(layer.bias) if layer.bias else None
+        if model is None:
+            act = [realize_site(sa, layer.kind, weight, bias, shared.get(sa.adapter, {}),
+                                loaded=plan.adapters[sa.adapter].source != "fresh") for sa in act]
         start = plan.base_overrides.get(layer.weight)
         out.append(lower_layer(lname, layer.kind, weight, bias, act, shared, rank, max_error, start))
     if not out:
@@ -146,7 +160,7 @@ def lower_plan(plan: Plan, model: nn.Module, rank: int | None, max_error: float 
             tensors["lora_B.bias"] = l.bias if l.bias is not None else torch.zeros(l.tensors["lora_B.weight"].shape[0])
         rec.tensors[l.name] = tensors
     for ap in plan.adapters.values():
-        if ap.active:
+        if ap.active and (model is not None or ap.source != "fresh"):   # a fresh copy on a skeleton: no values
             for mod, ps in ap.modules_to_save.items():
                 rec.modules_to_save.setdefault(mod, {}).update(ps)
             for k in ("task_type",):

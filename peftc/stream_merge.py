@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,12 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     raise PeftcError(f"{d}: no {SINGLE_NAME} or {INDEX_NAME}; `peftc merge` reads safetensors checkpoints{hint}")
 
 
+def is_safetensors_dir(ref: str) -> bool:
+    """A model directory `peftc merge` / `peftc lower` can read without loading the model."""
+    d = Path(ref)
+    return d.is_dir() and (d / "config.json").is_file() and ((d / INDEX_NAME).is_file() or (d / SINGLE_NAME).is_file())
+
+
 def _main_dtype(ck: Checkpoint) -> torch.dtype:
     """The float dtype that holds most of the checkpoint's bytes."""
     by = Counter()
@@ -190,20 +197,38 @@ def check_mergeable(plan: Plan, spec: Spec, command: str = "peftc merge") -> Non
                     "export` without --merge), or leave it out of `active`", plan.adapters[sa.adapter].spec.span, spec)
 
 
+def skeleton_plan(spec: Spec, model_dir: str | Path, *, seed: int = 0, lib: Library | None = None
+                  ) -> tuple[Plan, Checkpoint, nn.Module, Callable[[str], torch.Tensor]]:
+    """The plan of `spec` on the skeleton of a safetensors model directory, and read(fqn): one of its tensors."""
+    d = Path(model_dir)
+    ck = read_checkpoint(d)
+    config = _json(d / "config.json")
+    if not isinstance(config, dict):
+        raise PeftcError(f"{d / 'config.json'}: expected a JSON object")
+    with step("Building the model skeleton (meta device)"):
+        skeleton = stand_in_weights(build_skeleton(d, config, _main_dtype(ck)))
+    with step("Planning adapters"):
+        plan = build_plan(spec, skeleton, seed=seed, lib=lib)
+    source = {k: k for k in ck.where}
+    for group in _tied_groups(skeleton):
+        stored = [n for n in group if n in ck.where]
+        source.update({n: stored[0] for n in group if stored and n not in ck.where})
+
+    def read(fqn: str) -> torch.Tensor:
+        if fqn not in source:
+            raise PeftcError(f"{d}: the checkpoint has no tensor '{fqn}'; keys must be the model's parameter names")
+        return read_tensor(ck.headers[ck.where[source[fqn]]], source[fqn])
+    return plan, ck, skeleton, read
+
+
 def merge_checkpoint(spec: Spec, model_dir: str | Path, out_dir: str | Path, *, seed: int = 0,
                      lib: Library | None = None) -> MergeResult:
     """Write `out_dir`: the model of `model_dir` with every active adapter of `spec` merged (see module doc)."""
     d, out = Path(model_dir), Path(out_dir)
     check_new_dir(out, d)
-    ck = read_checkpoint(d)
+    plan, ck, skeleton, _ = skeleton_plan(spec, d, seed=seed, lib=lib)
     config = _json(d / "config.json")
-    if not isinstance(config, dict):
-        raise PeftcError(f"{d / 'config.json'}: expected a JSON object")
     dtype = _main_dtype(ck)
-    with step("Building the model skeleton (meta device)"):
-        skeleton = stand_in_weights(build_skeleton(d, config, dtype))
-    with step("Planning adapters"):
-        plan = build_plan(spec, skeleton, seed=seed, lib=lib)
     check_mergeable(plan, spec)
 
     # what changes: targeted weights (and biases an adapter transforms), copies of modules_to_save, saved bases

@@ -294,6 +294,31 @@ def test_lower_conv1d_and_conv2d(tmp_path, model, config, rank):
     assert max_diff(a, b) <= 1e-4 and max_diff(peftc_logits(base, inputs), b) > CHANGED
 
 
+def test_lower_streams_a_model_directory(tied, tmp_path, capsys):
+    """On a sharded model directory `lower` plans on the skeleton and reads one layer at a time: the imported
+    LoRA (tied embedding, a copy of the head) lowers exactly, and a fresh DoRA (magnitude computed from W)
+    lowers to the same factors as from the loaded model."""
+    from peft import PeftModel
+
+    from peftc.lower import lower_plan
+    from peftc.plan import build_plan
+    root, base, pm = tied
+    assert main(["lower", str(root / "spec.peft"), str(root / "model"), "--rank", "4", "-o", str(tmp_path / "a")]) == 0
+    assert all(err < 1e-6 for _, err in _table(capsys.readouterr().out).values())
+    lowered = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    ids = _ids()
+    assert max_diff(_logits(lowered, ids), _logits(pm, ids)) <= TOL
+    spec = tmp_path / "d.peft"
+    spec.write_text('adapter d: dora(r = 2, init = "random") { targets q_proj, embed_tokens }\n')
+    assert main(["-q", "lower", str(spec), str(root / "model"), "--rank", "3", "-o", str(tmp_path / "b")]) == 0
+    want = lower_plan(build_plan(peftc.parse_spec(spec.read_text()), base), base, 3, None)
+    from safetensors.torch import load_file
+    got = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    for layer in want.layers:
+        for key, t in layer.tensors.items():
+            assert torch.allclose(got[f"base_model.model.{layer.name}.{key}"], t, atol=1e-6), (layer.name, key)
+
+
 def peftc_logits(model, inputs):
     with torch.no_grad():
         return logits_of(model(**inputs)).float()
