@@ -121,13 +121,18 @@ def test_merge_equals_fold_and_keeps_bf16(tmp_path):
     assert changed == 6
 
 
-def test_merge_gpt2_conv1d_and_tied_wte(tmp_path):
-    """GPT-2: Conv1D weights stored (in, out) and a LoRA on the embedding `wte`, which the head reads too."""
+@pytest.mark.parametrize("bias", [False, True], ids=["tied-wte", "lora-bias"])
+def test_merge_and_lower_gpt2(tmp_path, bias):
+    """GPT-2: Conv1D weights stored (in, out); a LoRA on the embedding `wte`, which the head reads too, or with
+    lora_bias (the merged bias; lowered: lora_B.bias). Merged and lowered (rank 4: exact) both give peft's
+    unmerged outputs."""
     import transformers as T
+    from peft import PeftModel
     base = gpt2()
     base.save_pretrained(tmp_path / "model", max_shard_size="100KB")
-    config = lora(target_modules=["c_attn", "c_fc", "wte"], fan_in_fan_out=True)
-    pm = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    targets = ["c_attn", "c_fc"] + ([] if bias else ["wte"])
+    pm = peft.get_peft_model(copy.deepcopy(base), lora(target_modules=targets, fan_in_fan_out=True,
+                                                       lora_bias=bias)).eval()
     randomize_(pm, 1)
     pm.save_pretrained(tmp_path / "adapter")
     (tmp_path / "s.peft").write_text('adapter a: import "adapter"\n')
@@ -136,6 +141,12 @@ def test_merge_gpt2_conv1d_and_tied_wte(tmp_path):
     x = inputs_for("gpt2")
     want = peftc_logits(pm, x)
     assert max_diff(peftc_logits(merged, x), want) <= TOL and max_diff(peftc_logits(base, x), want) > CHANGED
+    assert main(["-q", "lower", str(tmp_path / "s.peft"), str(tmp_path / "model"), "--rank", "4",
+                 "-o", str(tmp_path / "low")]) == 0
+    cfg = json.loads((tmp_path / "low" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True and cfg["lora_bias"] is bias
+    lowered = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "low").eval()
+    assert max_diff(peftc_logits(lowered, x), want) <= TOL
 
 
 def _corrupt_missing_shard(model: Path) -> str:
