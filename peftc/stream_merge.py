@@ -77,8 +77,9 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     """The shards of a model directory (index or single file), every header read and cross-checked."""
     d = Path(directory)
     if not d.is_dir():
-        raise PeftcError(f"model directory not found: {d}" if not d.exists() else
-                         f"{d}: `peftc merge` takes a Hugging Face model directory (config.json + safetensors)")
+        what = "model directory not found" if not d.exists() else "not a directory"
+        raise PeftcError(f"{what}: {d} (`peftc merge` takes a Hugging Face model directory: config.json + "
+                         "safetensors; for a built-in or custom model, `peftc compile --merge` merges in a graph)")
     if not (d / "config.json").is_file():
         raise PeftcError(f"{d}: not a Hugging Face model directory (no config.json)")
     index_file = d / INDEX_NAME
