@@ -128,3 +128,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         if tmp.exists():
             import shutil
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_new_dir(out: Path, source: Path | None = None) -> None:
+    """A whole output directory written in one piece (`peftc merge`): it must be new (or an empty folder), not
+    the input `source`, and its parent writable."""
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise PeftcError(f"output {out} is the input model directory; inputs are never modified: give another folder")
+    if out.exists() and not out.is_dir():
+        raise PeftcError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise PeftcError(f"output directory {out} exists and is not empty; give a new folder (or remove it)")
+    check_writable(out)

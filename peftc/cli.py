@@ -9,6 +9,8 @@
     peftc combine ADAPTER_DIR... --weights W,... --type TYPE -o DIR   (peft's add_weighted_adapter)
     peftc fmt     SPEC... [--check]           (the canonical form of specs)
     peftc graph   SPEC MODEL --layer NAME -o OUT.svg   (one layer's subgraph before and after the passes)
+    peftc merge   SPEC MODEL_DIR -o OUT_DIR     (merged HF model directory, streamed shard by shard)
+    peftc lower   SPEC MODEL --rank R|auto -o DIR   (any mergeable adapter -> a plain LoRA checkpoint)
 
 Bad input prints one message (file:line:col where known) and exits 1, with no traceback. It fails early:
 the output path (extension, writability) is checked first, then the spec is parsed (lark only); torch and
@@ -31,6 +33,7 @@ from peftc.errors import PeftcError
 
 if TYPE_CHECKING:
     from peftc.plan import Plan
+    from peftc.spec.model import Spec
 
 T0 = time.perf_counter()  # as early as peftc can know: the total printed is the wall time the user waited
 # pipeline.PASSES, without importing torch
@@ -148,6 +151,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed of the dare_* types (default 0)")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
+
+    desc = ("Fold the spec's active adapters into a Hugging Face model directory and write the merged model "
+            "directory: the same safetensors shards, index and dtypes, with config, generation config and tokenizer "
+            "files copied. Streams one tensor at a time (fp32 folds, cast once), with no tracing: memory stays about "
+            "one layer's fold, whatever the model's size. An adapted weight tied to another module (an embedding "
+            "tied to the output head) is untied, so the merged model computes what the unmerged adapter does. "
+            "Every active adapter must be mergeable.")
+    p = sub.add_parser("merge", help="merge a spec's adapters into a Hugging Face model directory (streaming)",
+                       description=desc)
+    p.add_argument("spec", help=".peft spec file")
+    p.add_argument("model", help="Hugging Face model directory (config.json + model.safetensors or sharded "
+                                 "model-*.safetensors with model.safetensors.index.json)")
+    p.add_argument("-o", "--output", required=True, help="output model directory (new, or an empty folder)")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
+
+    desc = ("Lower the spec's active adapters (any mergeable method: LoHa, LoKr, DoRA, ...; several active adapters "
+            "are summed into one) to a plain PEFT LoRA checkpoint, by a truncated SVD of each layer's update W' - W. "
+            "Prints each layer's rank and relative error ||delta - B A|| / ||delta|| (Frobenius, measured on the saved "
+            "factors). Layers: Linear, GPT-2 Conv1D, Embedding, ungrouped Conv1d/2d/3d.")
+    p = spec_model("lower", desc)
+    p.add_argument("--rank", required=True, metavar="R|auto",
+                   help="LoRA rank of every layer (capped at the layer's smaller dimension), or 'auto': the smallest "
+                        "rank per layer that meets --max-error (rank_pattern / alpha_pattern in the config)")
+    p.add_argument("--max-error", type=float, metavar="E",
+                   help="largest relative error allowed per layer (needed with --rank auto; with a fixed rank, a "
+                        "layer above it is an error)")
+    p.add_argument("-o", "--output", required=True, help="output directory (PEFT checkpoint)")
     return ap
 
 
@@ -196,14 +226,18 @@ def _check_output(args: argparse.Namespace) -> None:
         other = [c for c, suf in OUTPUT_SUFFIX.items() if suf == p.suffix.lower()]
         hint = f" (`peftc {other[0]}` writes {p.suffix} files)" if other else ""
         raise PeftcError(f"output {p}: `peftc {args.cmd}` writes a {want} file; give a name ending in {want}{hint}")
-    if args.cmd in ("save", "combine"):
+    if args.cmd in ("save", "combine", "merge", "lower"):
         if p.suffix.lower() in FILE_SUFFIXES:
-            raise PeftcError(f"output {p}: `peftc {args.cmd}` writes a PEFT checkpoint directory "
-                             "(adapter_config.json + adapter_model.safetensors); give a folder name")
+            what = ("a model directory (config.json + safetensors)" if args.cmd == "merge" else
+                    "a PEFT checkpoint directory (adapter_config.json + adapter_model.safetensors)")
+            raise PeftcError(f"output {p}: `peftc {args.cmd}` writes {what}; give a folder name")
         if p.exists() and not p.is_dir():
             raise PeftcError(f"output path {p} exists and is not a directory")
     elif p.is_dir():
         raise PeftcError(f"output path {p} is a directory; give a file name")
+    if args.cmd == "merge":
+        from peftc.atomic import check_new_dir
+        check_new_dir(p, Path(args.model) if Path(args.model).is_dir() else None)
     check_writable(p)
 
 
@@ -308,6 +342,85 @@ def _fmt(args: argparse.Namespace) -> int:
     return 1 if args.check and changed else 0
 
 
+def _rank_args(args: argparse.Namespace) -> tuple[int | None, float | None]:
+    """--rank R|auto and --max-error E of `peftc lower`, checked before anything is loaded."""
+    import math
+    e = args.max_error
+    if e is not None and (not math.isfinite(e) or e < 0):
+        raise PeftcError(f"--max-error {e}: give a relative error >= 0, e.g. 0.01")
+    if args.rank == "auto":
+        if e is None:
+            raise PeftcError("--rank auto needs --max-error E (the largest relative error allowed per layer)")
+        return None, e
+    try:
+        rank = int(args.rank)
+    except ValueError:
+        raise PeftcError(f"--rank {args.rank!r}: give a positive integer or 'auto'") from None
+    if rank < 1:
+        raise PeftcError(f"--rank {rank}: the rank must be at least 1")
+    return rank, e
+
+
+def _merge(args: argparse.Namespace, spec: Spec) -> int:
+    from peftc.pipeline import check_spec
+    from peftc.stream_merge import merge_checkpoint
+    check_spec(spec)
+    done = merge_checkpoint(spec, args.model, args.output)
+    _warnings(done.plan)
+    for name, ap in done.plan.adapters.items():
+        if not ap.active:
+            _note(args.quiet, f"note: adapter '{name}' is inactive: not merged")
+    if done.skipped:
+        _note(args.quiet, f"note: not copied (weights in another format, unmerged): {', '.join(done.skipped)}")
+    merged = [n for n, ap in done.plan.adapters.items() if ap.active]
+    _result(f"wrote {args.output}: {_plural(len(merged), 'adapter')} ({', '.join(merged)}) merged into "
+            f"{_plural(len(done.layers), 'layer')}, {_plural(done.shards, 'shard')} ({done.dtype}) "
+            f"(total {time.perf_counter() - T0:.1f}s)")
+    if done.untied:
+        _result(f"untied {', '.join(done.untied)}: each has its own tensor now and config.json says "
+                "tie_word_embeddings: false, so the merged model computes what the unmerged adapter does")
+    return 0
+
+
+def _lower(args: argparse.Namespace, spec: Spec, rank: int | None, max_error: float | None) -> int:
+    from peftc.lower import lower_plan, write_lowered
+    from peftc.models import load_model
+    from peftc.pipeline import base_model_name, check_spec
+    from peftc.plan import build_plan
+    from peftc.progress import step
+    from peftc.stream_merge import check_mergeable, is_safetensors_dir, skeleton_plan
+    check_spec(spec)
+    if is_safetensors_dir(args.model):   # a model directory: planned on its skeleton, weights read per layer
+        plan, _, _, read = skeleton_plan(spec, args.model)
+        module, base_name = None, str(args.model)
+    else:
+        with step("Loading model"):
+            loaded = load_model(args.model, args.example_input)
+        with step("Planning adapters"):
+            plan = build_plan(spec, loaded.module)
+        module, read, base_name = loaded.module, None, base_model_name(loaded)
+    _warnings(plan)
+    check_mergeable(plan, spec, "peftc lower")
+    with step("Lowering (SVD of each layer's update)"):
+        low = lower_plan(plan, module, rank, max_error, read)
+    width = max(len(l.name) for l in low.layers)
+    lines = [f"{'layer':{width}s}  {'kind':9s}  {'rank':>4s}  rel. error"]
+    lines += [f"{l.name:{width}s}  {l.kind:9s}  {l.rank:4d}  {l.error:.2e}" for l in low.layers]
+    _result("\n".join(lines))
+    worst = max(low.layers, key=lambda l: l.error)
+    if rank is not None and max_error is not None and worst.error > max_error:
+        raise PeftcError(f"layer '{worst.name}': relative error {worst.error:.2e} at rank {worst.rank} is above "
+                         f"--max-error {max_error:g} (nothing written; raise --rank, or use --rank auto)")
+    with step("Writing PEFT checkpoint"):
+        out = write_lowered(low, args.output, {n: l.kind for n, l in plan.layers.items()}, base_name)
+    active = [n for n, ap in plan.adapters.items() if ap.active]
+    ranks = sorted({l.rank for l in low.layers})
+    rank_s = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    _result(f"wrote {out}: LoRA of {', '.join(active)} on {_plural(len(low.layers), 'layer')}, {rank_s}; "
+            f"max relative error {worst.error:.2e} ({worst.name}) (total {time.perf_counter() - T0:.1f}s)")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from peftc.progress import set_quiet
     set_quiet(args.quiet)
@@ -342,12 +455,18 @@ def _run(args: argparse.Namespace) -> int:
             _result(inspect_report(module))
         return 0
     # every other command reads a spec: parse it (lark only, no torch) before anything slow happens
+    if args.cmd == "lower":
+        rank, max_error = _rank_args(args)
     from peftc.spec.parse import read_spec
     spec = read_spec(args.spec)
     from peftc.progress import step
     with step("Loading torch and the compiler"):
         import peftc.pipeline  # noqa: F401 - a few seconds of imports, shown as a step of their own
         _quiet_transformers()
+    if args.cmd == "merge":
+        return _merge(args, spec)
+    if args.cmd == "lower":
+        return _lower(args, spec, rank, max_error)
     if args.cmd in ("check", "save"):
         from peftc.models import load_model
         from peftc.pipeline import base_model_name, check_spec

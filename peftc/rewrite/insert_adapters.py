@@ -137,13 +137,20 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
                             with gm.graph.inserting_before(n):
                                 new = gm.graph.get_attr(path)
                             new.meta.update(n.meta)
-                            n.replace_all_uses_with(new)
+                            # only the module's own reads: a tied weight's other readers keep the base tensor
+                            n.replace_all_uses_with(new, delete_user_cb=lambda u, m=mod: _inside(u, m))
                             modified = True
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, modified)
 
     return run
+
+
+def _inside(node: fx.Node, module: str) -> bool:
+    """True when `node` was traced inside `module` (or its place is unknown)."""
+    where = module_of(node)
+    return where is None or where == module or where.startswith(module + ".")
 
 
 def _register(gm: fx.GraphModule, manifest: Manifest, path: str, t: torch.Tensor, live: bool, frozen: bool) -> None:
