@@ -418,6 +418,10 @@ TARGET_TO_OP[cast] = TENSOR_OPS["cast"]
 
 
 # ---------------------------------------------------------------- orthogonal updates (peftc/ops_orthogonal.py)
+# ops with no exact ONNX conversion (a linear solve): computed before export where their inputs are constants
+NOT_EXPORTABLE: set[Any] = set()
+
+
 def _orthogonal_ops() -> None:
     from peftc import ops_orthogonal as o
     for op in [Op("skew", o.skew), Op("cayley", o.cayley), Op("cayley_series", o.cayley_series),
@@ -428,6 +432,7 @@ def _orthogonal_ops() -> None:
         if op.target is not None:
             TARGET_TO_OP[op.target] = op
     SCALAR_FUNCS["nearest_divisor"] = o.nearest_divisor
+    NOT_EXPORTABLE.add(o.cayley)
 
 
 _orthogonal_ops()

@@ -12,10 +12,12 @@ import torch
 def skew(v: torch.Tensor, n: int) -> torch.Tensor:
     """(..., n(n-1)/2) -> (..., n, n): the packed strict upper triangle (row-major) minus its transpose."""
     n = int(n)
-    rows, cols = torch.triu_indices(n, n, 1).tolist()
-    pos = [0] * (n * n)
-    for k, (i, j) in enumerate(zip(rows, cols)):
-        pos[i * n + j] = k + 1                     # slot 0 reads the zero prepended below
+    pos = [0] * (n * n)                            # slot 0 reads the zero prepended below
+    k = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            k += 1
+            pos[i * n + j] = k
     padded = torch.cat([torch.zeros_like(v[..., :1]), v], dim=-1)
     upper = torch.index_select(padded, -1, torch.tensor(pos, device=v.device)).reshape(*v.shape[:-1], n, n)
     return upper - upper.transpose(-1, -2)
