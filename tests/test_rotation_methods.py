@@ -353,3 +353,18 @@ def test_oft_exact_and_neumann_rotate_opposite_ways(tmp_path):
     ours = run_logits(compile_on(f'adapter a: import "{flipped}"', "llama"), x)
     theirs = run_logits(peft.PeftModel.from_pretrained(MODELS["llama"](), str(flipped)).eval(), x)
     assert max_diff(ours, theirs) <= TOL and max_diff(ours, run_logits(pm, x)) > CHANGED
+
+
+@pytest.mark.parametrize("body, message", [
+    ("dropout 0.5 as \"d\" over blocks of Rq", "'Rq' must be a tensor `let` declared before it"),
+    ("let k = 3\n dropout 0.5 as \"d\" over blocks of k", "'k' must be a tensor `let`"),
+    ("dropout 0.5 as \"d\" over blocks", "dropout over blocks needs `of NAME`"),
+])
+def test_block_dropout_names_a_tensor_let(body, message):
+    """A dropout over the blocks of a name that is no tensor let would silently drop nothing: an error instead."""
+    from peftc.lang.methods import instantiate, parse_library_file
+    text = ("method m(p: float = 0.5) layers linear {\n param t: [2, 3, 3] init zeros()\n let R = t * 2\n"
+            f" {body}\n weight W\n}}\n")
+    with pytest.raises(peftc.PeftcError, match=message):
+        methods, _ = parse_library_file(text, "m.peft")
+        instantiate(methods[0], "linear", {"p": 0.5}, {"in": 3, "out": 3})

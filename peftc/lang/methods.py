@@ -429,6 +429,8 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
         elif st.kind == "dropout":
             p = float(evaluate(st.args[0], env))
             _, stem, over, rescale, of = st.args
+            if of is not None and (of not in {n for n, _ in prog.lets} or of in env):
+                raise EvalError(f"dropout over blocks of '{of}': '{of}' must be a tensor `let` declared before it")
             if p > 0 and of is not None:
                 prog.tensor_dropouts.append((p, stem, over, of))
             elif p > 0 and over == "inputs":
