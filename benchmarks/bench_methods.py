@@ -1,4 +1,4 @@
-"""Unmerged forward overhead of every additive method, peftc vs peft, side by side in one process.
+"""Unmerged forward overhead of every additive and rotation method, peftc vs peft, side by side in one process.
 
 For each method a real peft adapter (non-identity weights) on small-llama's attention projections is saved with
 save_pretrained; peftc compiles that same checkpoint (`import "DIR"`, unmerged). Outputs are checked against peft
@@ -64,6 +64,8 @@ CONFIGS = {
                "vblora"),
     "randlora": (lambda: peft.RandLoraConfig(r=32, target_modules=TARGETS), "randlora"),
     "waveft": (lambda: peft.WaveFTConfig(n_frequency=2592, target_modules=TARGETS, init_weights=False), "waveft"),
+    "oft": (lambda: peft.OFTConfig(oft_block_size=32, target_modules=TARGETS, init_weights=False), "oft"),
+    "boft": (lambda: peft.BOFTConfig(boft_block_size=8, target_modules=TARGETS, init_weights=False), "boft"),
 }
 
 

@@ -32,7 +32,7 @@ from peftc import __version__
 from peftc.errors import PeftcError
 
 if TYPE_CHECKING:
-    from peftc.plan import Plan
+    from peftc.plan import AdapterPlan, Plan
     from peftc.spec.model import Spec
 
 T0 = time.perf_counter()  # as early as peftc can know: the total printed is the wall time the user waited
@@ -260,8 +260,16 @@ def _training_notes(plan: Plan, quiet: bool) -> None:
     """What training through peftc leaves out for a method (training-loop machinery such as AdaLoRA's rank
     allocator), as its method file declares: said by `check` and by `compile --train`."""
     for name, ap in plan.adapters.items():
-        if ap.method.training_note and ap.active and not ap.merge:
+        if ap.method.training_note and ap.active and not ap.merge and _note_applies(ap):
             _note(quiet, f"note: adapter '{name}' ({ap.method.name}): {ap.method.training_note}")
+
+
+def _note_applies(ap: AdapterPlan) -> bool:
+    """Whether a method's training note holds for these options (`training "..." if COND`)."""
+    if ap.method.training_if is None:
+        return True
+    from peftc.lang.evaluate import evaluate
+    return bool(evaluate(ap.method.training_if, ap.options))
 
 
 def _warnings(plan: Plan) -> None:

@@ -415,3 +415,24 @@ def cast(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 TENSOR_OPS["cast"] = Op("cast", cast)
 TARGET_TO_OP[cast] = TENSOR_OPS["cast"]
+
+
+# ---------------------------------------------------------------- orthogonal updates (peftc/ops_orthogonal.py)
+# ops with no exact ONNX conversion (a linear solve): computed before export where their inputs are constants
+NOT_EXPORTABLE: set[Any] = set()
+
+
+def _orthogonal_ops() -> None:
+    from peftc import ops_orthogonal as o
+    for op in [Op("skew", o.skew), Op("cayley", o.cayley), Op("cayley_series", o.cayley_series),
+               Op("block_diag", o.block_diag), Op("block_matmul", o.block_matmul),
+               Op("butterfly_matmul", o.butterfly_matmul), Op("butterfly_perm", o.butterfly_perm, plan_only=True),
+               Op("ball_project", o.ball_project), Op("reverse", o.reverse)]:
+        TENSOR_OPS[op.name] = op
+        if op.target is not None:
+            TARGET_TO_OP[op.target] = op
+    SCALAR_FUNCS["nearest_divisor"] = o.nearest_divisor
+    NOT_EXPORTABLE.add(o.cayley)
+
+
+_orthogonal_ops()

@@ -47,6 +47,13 @@ EXPECTED = {
     "dora-conv2d": ("convnet", 'dora(r = 2) { targets conv1 }', {"conv_split_sum", "conv_low_rank", "conv_scale"}),
     "dora-embedding": ("token-mlp", 'dora(r = 2) { targets emb }', {"embed_split_sum", "embed_low_rank",
                                                                     "embed_col_scale"}),
+    "oft-linear": ("llama", 'oft(block_size = 8, init = "random") { targets q_proj, down_proj }',
+                   {"block_rotate_input", "transpose_pair"}),
+    "oft-exact-share-bias": ("token-mlp", 'oft(block_size = 4, use_cayley_neumann = false, block_share = true) '
+                                          "{ targets lin0, lin1 }", {"block_rotate_input"}),
+    "oft-embedding": ("token-mlp", 'oft(block_size = 4) { targets emb }', {"embed_block_rotate"}),
+    "boft-linear": ("llama", 'boft(block_size = 4, n_butterfly_factor = 3) { targets q_proj }',
+                    {"butterfly_input", "scale_outputs"}),
 }
 
 
@@ -57,6 +64,10 @@ TRAIN = {
                                                                                       "conv_low_rank"}),
     "dora-linear-dropout": ("llama", 'dora(r = 2, dropout = 0.1) { targets q_proj }', {"input_dropout",
                                                                                        "scale_outputs"}),
+    "oft-linear-dropout": ("llama", 'oft(block_size = 8, module_dropout = 0.5) { targets q_proj }',
+                           {"block_rotate_input"}),
+    "boft-linear-dropout": ("token-mlp", 'boft(block_size = 4, n_butterfly_factor = 2, dropout = 0.5) '
+                                         "{ targets lin0 }", {"butterfly_input", "scale_outputs"}),
 }
 
 

@@ -1,5 +1,6 @@
 """Before an ONNX export: compute the input-independent parts of a graph that the ONNX converter cannot
-express exactly (FFTs: onnxruntime's DFT drifts from torch's FFT as the update's scale grows), so that they
+express exactly (FFTs: onnxruntime's DFT drifts from torch's FFT as the update's scale grows) or at all (a
+linear solve, such as the exact Cayley transform of OFT / BOFT), so that they
 reach the ONNX file as initializers. Only nodes whose every input is a stored tensor or a constant fold;
 anything that reads an input stays in the graph."""
 from __future__ import annotations
@@ -9,11 +10,12 @@ from typing import Any
 import torch
 from torch import fx
 
-from peftc.ops import real_ifft2
+from peftc.ops import NOT_EXPORTABLE, real_ifft2
 from peftc.rewrite.graph_tools import constant_evaluator
 
-# ops whose input-independent uses are computed before export
-FOLD_BEFORE_EXPORT: frozenset[Any] = frozenset({real_ifft2})
+# ops whose input-independent uses are computed before export: FFTs, and every op the library marks as having
+# no ONNX conversion (ops.NOT_EXPORTABLE: a linear solve)
+FOLD_BEFORE_EXPORT: frozenset[Any] = frozenset({real_ifft2, *NOT_EXPORTABLE})
 
 
 def fold_for_export(gm: fx.GraphModule, targets: frozenset[Any] = FOLD_BEFORE_EXPORT) -> fx.GraphModule:

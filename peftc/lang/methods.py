@@ -74,6 +74,7 @@ class MethodDef:
     training_note: str | None = None   # what `compile --train` does not do for this method (training-loop parts)
     config_fields: tuple[str, ...] = ()  # generic PEFT config keys (fan_in_fan_out, bias) its config class has
     dense_note: str | None = None      # why its unmerged form may rebuild a full-size update every forward
+    training_if: Expr | None = None    # when the training note applies (None: always)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class SiteProgram:
     records: dict[tuple[str, str], Any] = field(default_factory=dict)  # (config key, key suffix) -> value
     weight_dropouts: list[tuple[float, str, str, bool]] = field(default_factory=list)  # (p, stem, over, rescale)
     shared: list[str] = field(default_factory=list)               # adapter-level tensors this layer reads
+    tensor_dropouts: list[tuple[float, str, str, str]] = field(default_factory=list)  # (p, stem, over, let name)
 
 
 # ---------------------------------------------------------------- parsing
@@ -149,8 +151,10 @@ def _const(expr: Expr, file: str) -> Any:
 
 
 # inputs: nn.Dropout on the adapter's input; rows: each output row of the update dropped (LyCORIS rank
-# dropout); adapter: the whole update dropped (module dropout). Only in a graph compiled for training.
-DROPOUT_KINDS = ("inputs", "rows", "adapter")
+# dropout); adapter: the whole update dropped (module dropout); blocks (`over blocks of NAME`): int(p * blocks)
+# blocks of the (.., blocks, n, n) let NAME replaced by the identity (OFT / BOFT's multiplicative dropout).
+# Only in a graph compiled for training.
+DROPOUT_KINDS = ("inputs", "rows", "adapter", "blocks")
 _DTYPES = ("float32", "float64", "bfloat16", "float16", "int64", "int32", "int16", "uint8", "bool")
 
 
@@ -208,8 +212,12 @@ def _stmts(block: Tree, file: str) -> list[Stmt]:
             if over not in DROPOUT_KINDS:
                 raise PeftcError(f"dropout over '{over}'{did_you_mean(over, DROPOUT_KINDS)}: dropout is over "
                                  f"{', '.join(DROPOUT_KINDS)}", file=file, line=line)
-            rescale = to_expr(ch[3]) if len(ch) > 3 and ch[3] is not None else None
-            out.append(Stmt("dropout", (to_expr(ch[0]), _string(ch[1]), over, rescale), line))
+            of = str(ch[3]) if len(ch) > 3 and ch[3] is not None else None
+            if (over == "blocks") != (of is not None):
+                raise PeftcError("dropout over blocks needs `of NAME` (the let whose blocks it drops), and only it "
+                                 "takes one", file=file, line=line)
+            rescale = to_expr(ch[4]) if len(ch) > 4 and ch[4] is not None else None
+            out.append(Stmt("dropout", (to_expr(ch[0]), _string(ch[1]), over, rescale, of), line))
         elif k == "require":
             out.append(Stmt("require", (to_expr(ch[0]), _string(ch[1])), line))
         elif k == "when":
@@ -255,6 +263,7 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
         while i < len(ch) and ch[i] is None:
             i += 1
         peft_type, fixed, kinds, mergeable, note, fields, dense = None, {}, [], None, None, (), None
+        training_if = None
         for h in ch[i:-1]:
             if h is None:
                 continue
@@ -270,12 +279,13 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
                 mergeable = to_expr(h.children[0])
             elif h.data == "training_note":
                 note = _string(h.children[0])
+                training_if = to_expr(h.children[1]) if len(h.children) > 1 and h.children[1] is not None else None
             elif h.data == "config_fields":
                 fields = tuple(_string(c) for c in h.children)
             elif h.data == "dense_note":
                 dense = _string(h.children[0])
         methods.append(MethodDef(name, options, peft_type, fixed, kinds, _stmts(ch[-1], file), mergeable, file,
-                                 note, fields, dense))
+                                 note, fields, dense, training_if))
     return methods, rules
 
 
@@ -405,6 +415,8 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
             decl = ParamDecl(ps.name, shape, ps.init, saved, ps.frozen, ps.dtype, ps.optional, bound)
             prog.params.append(decl)
             prog.steps.append(("param", decl))
+            for name in bound.values():   # a dim bound from the checkpoint overrides the let of that name
+                prog.steps.append(("let", (name, Const(env[name]))))
             deferred.add(ps.name)
         elif st.kind == "record":
             key, suffix, expr, cond = st.args
@@ -416,8 +428,12 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
             prog.bias = st.args[0]
         elif st.kind == "dropout":
             p = float(evaluate(st.args[0], env))
-            _, stem, over, rescale = st.args
-            if p > 0 and over == "inputs":
+            _, stem, over, rescale, of = st.args
+            if of is not None and (of not in {n for n, _ in prog.lets} or of in env):
+                raise EvalError(f"dropout over blocks of '{of}': '{of}' must be a tensor `let` declared before it")
+            if p > 0 and of is not None:
+                prog.tensor_dropouts.append((p, stem, over, of))
+            elif p > 0 and over == "inputs":
                 prog.dropout = (p, stem)
             elif p > 0:
                 prog.weight_dropouts.append((p, stem, over, bool(evaluate(rescale, env)) if rescale else False))

@@ -110,6 +110,10 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
                         mpath = f"{lname}.{stem}.{sa.adapter}"
                         set_path(gm, mpath, weight_dropout(over, p_drop, rescale))
                         manifest.registered.add(mpath)
+                    for p_drop, stem, over, _ in sa.program.tensor_dropouts:
+                        mpath = f"{lname}.{stem}.{sa.adapter}"
+                        set_path(gm, mpath, weight_dropout(over, p_drop, False))
+                        manifest.registered.add(mpath)
             modified |= _rewrite_layer(gm, layer, [sa for sa in sas if sa.active], paths, plan.train)
         for name, ap in plan.adapters.items():
             rec = manifest.adapters[name]
@@ -195,9 +199,13 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
                 node = b.apply(TENSOR_OPS["cast"], TENSOR_OPS["cast"].target, [node, layer.dtype])
             env[pname] = node
         env["W"], env["W0"], env["b"] = w_cur, w_base, b_cur
+        dropped = {of: stem for _, stem, _, of in prog.tensor_dropouts} if train and not sa.merge else {}
         for name, expr in prog.lets:
             if name not in prog.env:   # lets over tensors; the others were computed when the method was instantiated
                 env[name] = evaluate(expr, env, b)
+                if name in dropped:    # a training-only dropout over this tensor's blocks
+                    env[name] = b.apply(TENSOR_OPS["dropout"], None,
+                                        [env[name], f"{layer.name}.{dropped[name]}.{sa.adapter}"])
         w_new = evaluate(prog.weight, env, b) if prog.weight is not None else w_cur
         b_new = evaluate(prog.bias, env, b) if prog.bias is not None else b_cur
         if train and (prog.dropout or prog.weight_dropouts) and not sa.merge and w_new is not w_cur:
