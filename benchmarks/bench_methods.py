@@ -64,6 +64,9 @@ CONFIGS = {
                "vblora"),
     "randlora": (lambda: peft.RandLoraConfig(r=32, target_modules=TARGETS), "randlora"),
     "waveft": (lambda: peft.WaveFTConfig(n_frequency=2592, target_modules=TARGETS, init_weights=False), "waveft"),
+    "hra": (lambda: peft.HRAConfig(r=8, target_modules=TARGETS), "hra"),
+    "road": (lambda: peft.RoadConfig(variant="road_2", group_size=64, target_modules=TARGETS), "road"),
+    "osf": (lambda: peft.OSFConfig(target_modules=TARGETS), "osf"),
 }
 
 

@@ -426,6 +426,7 @@ SCALAR_FUNCS: dict[str, Callable[..., Any]] = {
     "abs": abs,
     "int": int,
     "float": float,
+    "is_float": lambda v: isinstance(v, float),
     "add": lambda a, b: a + b,
     "sub": lambda a, b: a - b,
     "mul": lambda a, b: a * b,

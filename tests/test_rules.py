@@ -47,6 +47,16 @@ EXPECTED = {
     "dora-conv2d": ("convnet", 'dora(r = 2) { targets conv1 }', {"conv_split_sum", "conv_low_rank", "conv_scale"}),
     "dora-embedding": ("token-mlp", 'dora(r = 2) { targets emb }', {"embed_split_sum", "embed_low_rank",
                                                                     "embed_col_scale"}),
+    # rotations: HRA on the input (thin matmuls), RoAd on the output (elementwise), OSF a constant top part
+    "hra-linear": ("llama", 'hra(r = 3, init = "random") { targets q_proj }',
+                   {"low_rank", "split_diff", "identity_weight"}),
+    "hra-gs-linear": ("token-mlp", 'hra(r = 2, apply_GS = true, init = "random") { targets lin0 }',
+                      {"split_bias", "low_rank", "identity_weight"}),
+    "hra-conv2d": ("convnet", 'hra(r = 2, init = "random") { targets conv1 }', {"conv_split_diff", "conv_low_rank"}),
+    "road-linear": ("llama", 'road(variant = "road_4", group_size = 8) { targets q_proj }',
+                    {"output_rotation_nobias"}),
+    "road-linear-bias": ("token-mlp", 'road(group_size = 4) { targets lin0, lin1 }', {"output_rotation"}),
+    "osf-linear": ("token-mlp", "osf() { targets lin0, lin1 }", {"split_sum", "low_rank", "row_scale"}),
 }
 
 

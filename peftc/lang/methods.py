@@ -21,7 +21,7 @@ from peftc.errors import PeftcError, did_you_mean
 from peftc.lang.expr import Call, Const, Expr, names_in, to_expr
 from peftc.resources import grammar_text
 
-OPTION_TYPES = ("int", "float", "bool", "str", "targets")
+OPTION_TYPES = ("int", "float", "bool", "str", "targets", "number")
 # names a method sees besides its options and the layer's dims: over all of the adapter's layers (max_in,
 # max_out, the sum of in * out, their number), and whether it is compiled for training / from a checkpoint
 ADAPTER_DIMS = ("max_in", "max_out", "total_in_out", "n_layers", "training", "loading")
@@ -295,6 +295,10 @@ def coerce_option(decl: OptionDecl, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expects a number, got {spec_repr(value)}")
         return float(value)
+    if t == "number":   # an int or a float, kept as given (peft reads 1 and 1.0 differently for some options)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expects a number, got {spec_repr(value)}")
+        return value
     if t == "bool":
         if not isinstance(value, bool):
             raise ValueError(f"expects true or false, got {spec_repr(value)}")
