@@ -53,11 +53,12 @@ CASES = [
     Case("mlp-road-bias", "token-mlp", lambda: peft.RoadConfig(variant="road_4", group_size=4,
                                                                target_modules=["lin0", "lin1"]),
          'road(variant = "road_1", group_size = 4, init = "random") { targets lin0, lin1 }'),
-    # ---- OSF: default rank (half the smaller dim), an absolute rank, a fraction per pattern
+    # ---- OSF: default rank (half the smaller dim), an absolute rank, per-pattern values (found anywhere in the name,
+    #      as OSF's re.search does; a float is a fraction of the smaller dim)
     Case("llama-osf", "llama", lambda: peft.OSFConfig(target_modules=QVD),
          'osf(effective_rank = 6, init = "random") { targets q_proj, down_proj }'),
     Case("llama-osf-rank", "llama", lambda: peft.OSFConfig(effective_rank=5, target_modules=["q_proj", "down_proj"],
-                                                           rank_pattern={"down_proj": 0.25})),
+                                                           rank_pattern={"layers.0.self": 3, "down_proj": 0.25})),
     Case("mlp-osf-bias", "token-mlp", lambda: peft.OSFConfig(effective_rank=1, target_modules=["lin0", "lin1"])),
 ]
 FRESH = [c for c in CASES if c.fresh]
@@ -205,3 +206,13 @@ def test_bad_checkpoint_is_a_located_error(kind, tmp_path):
 def test_unsupported_is_refused_at_the_spec(spec, model, message):
     with pytest.raises(peftc.PeftcError, match=message):
         compile_on(f"adapter a: {spec}", model)
+
+
+def test_peftc_import_writes_a_spec_that_compiles(prepared, tmp_path):
+    """`peftc import DIR` on each peft save: the spec it writes compiles to peft's outputs."""
+    from peftc.importer import import_spec
+    if prepared.case.id not in ("llama-hra-gs", "mlp-road-bias", "llama-osf-rank"):
+        pytest.skip("one case per method")
+    import_spec([prepared.dir], tmp_path / "imported.peft")
+    gm = _compile(tmp_path / "imported.peft", prepared.case.model)
+    assert max_diff(run_logits(gm, prepared.inputs), prepared.peft_out) <= TOL

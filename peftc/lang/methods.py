@@ -52,6 +52,7 @@ class OptionDecl:
     config_key: str | None
     values: dict[Any, Any] = field(default_factory=dict)  # config value -> option value
     pattern_key: str | None = None   # the PEFT config dict of per-layer values, e.g. "rank_pattern"
+    pattern_search: bool = False     # peft finds its keys anywhere in a layer name (re.search), not at the end
 
 
 @dataclass
@@ -250,7 +251,8 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
             default = _const(to_expr(o[2]), file) if o[2] is not None else None
             pattern_key = _string(o[5]) if len(o) > 5 and o[5] is not None else None
             options[str(o[0])] = OptionDecl(str(o[0]), str(o[1]), default,
-                                            _string(o[3]) if o[3] is not None else None, values, pattern_key)
+                                            _string(o[3]) if o[3] is not None else None, values, pattern_key,
+                                            len(o) > 6 and o[6] is not None)
             i += 1
         while i < len(ch) and ch[i] is None:
             i += 1
