@@ -66,6 +66,9 @@ CONFIGS = {
     "waveft": (lambda: peft.WaveFTConfig(n_frequency=2592, target_modules=TARGETS, init_weights=False), "waveft"),
     "oft": (lambda: peft.OFTConfig(oft_block_size=32, target_modules=TARGETS, init_weights=False), "oft"),
     "boft": (lambda: peft.BOFTConfig(boft_block_size=8, target_modules=TARGETS, init_weights=False), "boft"),
+    "hra": (lambda: peft.HRAConfig(r=8, target_modules=TARGETS), "hra"),
+    "road": (lambda: peft.RoadConfig(variant="road_2", group_size=64, target_modules=TARGETS), "road"),
+    "osf": (lambda: peft.OSFConfig(target_modules=TARGETS), "osf"),
 }
 
 

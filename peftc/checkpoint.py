@@ -219,6 +219,8 @@ def adapter_from_config(name: str, directory: str | Path, config: dict[str, Any]
     for decl in method.options.values():
         if decl.pattern_key:
             for pat, val in (config.get(decl.pattern_key) or {}).items():
+                if decl.pattern_search:   # found anywhere in the name: as a key matched at the name's end
+                    pat = f".*(?:{pat}).*"
                 ad.per_pattern.append(PerPattern(decl.name, TargetRule("pattern", pat, cspan), val, cspan))
     mts = list(config.get("modules_to_save") or [])
     ad.modules_to_save = list(dict.fromkeys(mts))

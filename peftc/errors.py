@@ -49,6 +49,7 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 3, aliases: dict[st
     if aliases and word in aliases:
         return f" (did you mean '{aliases[word]}'?)"
     close = difflib.get_close_matches(word, choices, n=n, cutoff=0.5)
+    close.sort(key=lambda c: sorted(c) != sorted(word))   # swapped letters ('lroa' -> 'lora') first
     if not close:
         # a short name typed with extra letters: 'rnak' -> 'r'
         close = [c for c in choices if len(c) <= 2 and word.lower().startswith(c.lower())][:n]

@@ -180,6 +180,62 @@ def dropin(delta: torch.Tensor, module: str) -> torch.Tensor:
     return delta
 
 
+def eye(n: int, like: torch.Tensor) -> torch.Tensor:
+    """The n x n identity in `like`'s dtype and device."""
+    return torch.eye(int(n), dtype=like.dtype, device=like.device)
+
+
+def rotate_half(v: torch.Tensor, group: int, dim: int) -> torch.Tensor:
+    """Along `dim`, in consecutive groups of `group` entries (halves a, b): [a, b] -> [-b, a] (RoPE's
+    rotate_half, per group). On the rows of a weight (dim 0) it is the output-side permutation whose effect on
+    linear(x, W) is rotate_half of the output's last dim."""
+    d = dim % v.dim()
+    g = v.unflatten(d, (-1, 2, int(group) // 2))
+    a, b = g.select(d + 1, 0), g.select(d + 1, 1)
+    return torch.stack((-b, a), dim=d + 1).flatten(d, d + 2)
+
+
+def unitri_inverse(a: torch.Tensor) -> torch.Tensor:
+    """The inverse of a unit triangular matrix a = I + N (N strictly triangular, so nilpotent: N^n = 0) as the
+    finite series (I - N)(I + N^2)(I + N^4)...: about 2 log2(n) small matmuls, no solve (converts to ONNX)."""
+    n = a.shape[-1]
+    eye_n = torch.eye(n, dtype=a.dtype, device=a.device)
+    nil = eye_n - a                     # -N
+    out = eye_n + nil
+    power, reach = nil, 2
+    while reach < n:
+        power = power @ power
+        out = out @ (eye_n + power)
+        reach *= 2
+    return out
+
+
+def orthonormalize(u: torch.Tensor) -> torch.Tensor:
+    """Gram-Schmidt on the columns of u, left to right (each column made orthogonal to the ones before it, twice
+    for stability, then unit length): the Q of u's QR with positive diagonal, in plain matmuls (converts to ONNX,
+    unlike linalg.qr)."""
+    cols = [u[:, 0] / u[:, 0].norm()]
+    for i in range(1, u.shape[1]):
+        q = torch.stack(cols, dim=1)
+        c = u[:, i]
+        c = c - q @ (q.t() @ c)
+        c = c - q @ (q.t() @ c)
+        cols.append(c / c.norm())
+    return torch.stack(cols, dim=1)
+
+
+_SVD_MEMO: list[Any] = []
+
+
+def svd(v: torch.Tensor, part: str) -> torch.Tensor:
+    """A factor ("U", "S" or "Vh") of the thin SVD of a matrix, computed in fp32 and returned in v's dtype
+    (compile time only; the last matrix's SVD is kept, so its three parts cost one decomposition)."""
+    if not (_SVD_MEMO and _SVD_MEMO[0] is v and _SVD_MEMO[1] == v._version):
+        _SVD_MEMO[:] = [v, v._version, torch.linalg.svd(v.float(), full_matrices=False)]
+    u, s, vh = _SVD_MEMO[2]
+    return {"U": u, "S": s, "Vh": vh}[part].to(v.dtype)
+
+
 # ---------------------------------------------------------------- initialisers
 @dataclass(frozen=True)
 class Init:
@@ -192,6 +248,10 @@ class Init:
         the draw reproducible, else from the compile's seeded generator), then cast to `dtype`."""
         kw = dict(self.kwargs)
         gen = kw.pop("generator", None) or generator
+        rep = int(kw.pop("interleave", 1))   # draw 1/rep of the last dim, then repeat each column rep times
+        if rep > 1:
+            half = Init(self.kind, tuple(kw.items())).make((*shape[:-1], shape[-1] // rep), dtype, gen)
+            return torch.repeat_interleave(half, rep, dim=-1)
         t = torch.empty(shape, dtype=DTYPES[kw.pop("dtype", "float32")])
         if self.kind == "zeros":
             t.zero_()
@@ -344,6 +404,16 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("unit_std", unit_std),
     Op("ternary", ternary),
     Op("softmax", softmax),
+    # rotations and orthogonal factors (HRA, RoAd), plan-time decompositions (OSF)
+    Op("eye", eye),
+    Op("triu", aten.triu.default, defaults=(0,), arity=2),
+    Op("cos", aten.cos.default),
+    Op("sin", aten.sin.default),
+    Op("repeat_interleave", aten.repeat_interleave.self_int),
+    Op("rotate_half", rotate_half),
+    Op("unitri_inverse", unitri_inverse),
+    Op("orthonormalize", orthonormalize),
+    Op("svd", svd, plan_only=True),
 ]}
 
 TARGET_TO_OP: dict[Any, Op] = {op.target: op for op in TENSOR_OPS.values() if op.target is not None}
@@ -356,6 +426,7 @@ SCALAR_FUNCS: dict[str, Callable[..., Any]] = {
     "abs": abs,
     "int": int,
     "float": float,
+    "is_float": lambda v: isinstance(v, float),
     "add": lambda a, b: a + b,
     "sub": lambda a, b: a - b,
     "mul": lambda a, b: a * b,

@@ -54,6 +54,16 @@ EXPECTED = {
     "oft-embedding": ("token-mlp", 'oft(block_size = 4) { targets emb }', {"embed_block_rotate"}),
     "boft-linear": ("llama", 'boft(block_size = 4, n_butterfly_factor = 3) { targets q_proj }',
                     {"butterfly_input", "scale_outputs"}),
+    # rotations: HRA on the input (thin matmuls), RoAd on the output (elementwise), OSF a constant top part
+    "hra-linear": ("llama", 'hra(r = 3, init = "random") { targets q_proj }',
+                   {"low_rank", "split_diff", "identity_weight"}),
+    "hra-gs-linear": ("token-mlp", 'hra(r = 2, apply_GS = true, init = "random") { targets lin0 }',
+                      {"split_bias", "low_rank", "identity_weight"}),
+    "hra-conv2d": ("convnet", 'hra(r = 2, init = "random") { targets conv1 }', {"conv_split_diff", "conv_low_rank"}),
+    "road-linear": ("llama", 'road(variant = "road_4", group_size = 8) { targets q_proj }',
+                    {"output_rotation_nobias"}),
+    "road-linear-bias": ("token-mlp", 'road(group_size = 4) { targets lin0, lin1 }', {"output_rotation"}),
+    "osf-linear": ("token-mlp", "osf() { targets lin0, lin1 }", {"split_sum", "low_rank", "row_scale"}),
 }
 
 

@@ -21,7 +21,7 @@ from peftc.errors import PeftcError, did_you_mean
 from peftc.lang.expr import Call, Const, Expr, names_in, to_expr
 from peftc.resources import grammar_text
 
-OPTION_TYPES = ("int", "float", "bool", "str", "targets")
+OPTION_TYPES = ("int", "float", "bool", "str", "targets", "number")
 # names a method sees besides its options and the layer's dims: over all of the adapter's layers (max_in,
 # max_out, the sum of in * out, their number), and whether it is compiled for training / from a checkpoint
 ADAPTER_DIMS = ("max_in", "max_out", "total_in_out", "n_layers", "training", "loading")
@@ -52,6 +52,7 @@ class OptionDecl:
     config_key: str | None
     values: dict[Any, Any] = field(default_factory=dict)  # config value -> option value
     pattern_key: str | None = None   # the PEFT config dict of per-layer values, e.g. "rank_pattern"
+    pattern_search: bool = False     # peft finds its keys anywhere in a layer name (re.search), not at the end
 
 
 @dataclass
@@ -258,7 +259,8 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
             default = _const(to_expr(o[2]), file) if o[2] is not None else None
             pattern_key = _string(o[5]) if len(o) > 5 and o[5] is not None else None
             options[str(o[0])] = OptionDecl(str(o[0]), str(o[1]), default,
-                                            _string(o[3]) if o[3] is not None else None, values, pattern_key)
+                                            _string(o[3]) if o[3] is not None else None, values, pattern_key,
+                                            len(o) > 6 and o[6] is not None)
             i += 1
         while i < len(ch) and ch[i] is None:
             i += 1
@@ -305,6 +307,10 @@ def coerce_option(decl: OptionDecl, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expects a number, got {spec_repr(value)}")
         return float(value)
+    if t == "number":   # an int or a float, kept as given (peft reads 1 and 1.0 differently for some options)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expects a number, got {spec_repr(value)}")
+        return value
     if t == "bool":
         if not isinstance(value, bool):
             raise ValueError(f"expects true or false, got {spec_repr(value)}")
