@@ -415,3 +415,17 @@ def cast(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 TENSOR_OPS["cast"] = Op("cast", cast)
 TARGET_TO_OP[cast] = TENSOR_OPS["cast"]
+
+
+# ---------------------------------------------------------------- rows of a weight (trainable tokens)
+def indices(values: Any) -> torch.Tensor:
+    """A list of integers (an option such as token_indices) as an int64 index tensor, built at compile time."""
+    return torch.tensor(list(values), dtype=torch.int64)
+
+
+for _op in [Op("indices", indices, plan_only=True),
+            Op("index_select", aten.index_select.default),   # index_select(W, 0, idx): rows of W
+            Op("index_copy", aten.index_copy.default)]:      # index_copy(W, 0, idx, rows): W with rows replaced
+    TENSOR_OPS[_op.name] = _op
+    if _op.target is not None:
+        TARGET_TO_OP[_op.target] = _op

@@ -28,7 +28,7 @@ def _config_value(decl: Any, value: Any) -> Any:
 def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str, str] | None = None) -> dict:
     method = library().method(rec.method)
     cfg: dict[str, Any] = {"peft_type": method.peft_type, **method.fixed_config}
-    layers = sorted(rec.tensors)
+    layers = sorted(l for l in rec.tensors if l not in rec.parts)
     for decl in method.options.values():
         if decl.config_key is None:
             continue
@@ -44,7 +44,7 @@ def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str
         cfg[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(entries.items())}
     cfg["target_modules"] = layers
     if "bias" in method.config_fields:
-        cfg["bias"] = "none"
+        cfg.setdefault("bias", "none")
     kinds = layer_kinds or {}
     if "fan_in_fan_out" in method.config_fields:
         cfg["fan_in_fan_out"] = any(kinds.get(l) in KINDS and KINDS[kinds[l]].transposed for l in layers)
@@ -60,7 +60,9 @@ def adapter_tensors(rec: AdapterRecord) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for layer, tensors in rec.tensors.items():
         for saved, t in tensors.items():
-            out[f"{PREFIX}{layer}.{saved}"] = t.detach()
+            out[f"{PREFIX}{rec.keys.get(layer, layer)}.{saved}"] = t.detach()
+            for other in rec.tied.get(layer, []):   # peft saves the tied module's copy too
+                out[f"{PREFIX}{other}.{saved}"] = t.detach().clone()
     for mod, params in rec.modules_to_save.items():
         for pname, t in params.items():
             out[f"{PREFIX}{mod}.{pname}"] = t.detach()
