@@ -162,7 +162,7 @@ def _rules(value: Any, span: Span) -> list[TargetRule]:
 
 # config keys whose non-default value peftc cannot honour (value -> default)
 _UNSUPPORTED_LORA = {"layer_replication": None, "alora_invocation_tokens": None, "use_qalora": False,
-                     "target_parameters": None, "trainable_token_indices": None, "megatron_config": None,
+                     "target_parameters": None, "megatron_config": None,
                      "use_bdlora": None, "arrow_config": None}
 
 

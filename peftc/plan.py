@@ -451,6 +451,53 @@ def _instantiate_layer(ad: AdapterSpec, method: MethodDef, options: dict[str, An
     return prog, lopts
 
 
+def _companion_sites(plan: Plan, ad: AdapterSpec, method: MethodDef, options: dict[str, Any], model: nn.Module,
+                     layers: dict[str, Layer], ckpt: CheckpointTensors | None, gen: torch.Generator, merge: bool,
+                     active: bool, spec: Spec, lib: Library, matched: list[str]) -> None:
+    """A method's companions (LoRA's trainable_token_indices: trainable tokens on the embeddings): the companion
+    method on each layer the option names, as part of this adapter, its tensors under `<layer>.<prefix>.`."""
+    for comp_name, opt, prefix in method.companions:
+        value = options.get(opt)
+        if not value:
+            continue
+        comp = lib.method(comp_name)
+        span = ad.option_spans.get(opt, ad.span)
+        if isinstance(value, dict):
+            wanted = dict(value)
+        else:
+            try:
+                wanted = {r.value: value for r in default_targets(ad, comp, model)}
+            except PeftcError as e:
+                raise _err(str(e), span, spec) from None
+        list_opt = next(d.name for d in comp.options.values() if d.type == "list")
+        for key, indices in wanted.items():
+            hits = [n for n in layers if n == key or n.endswith("." + key)]
+            if len(hits) != 1:
+                raise _err(f"adapter '{ad.name}': {opt} names '{key}', which matches "
+                           f"{'no layer' if not hits else 'several layers: ' + ', '.join(hits)}", span, spec)
+            lname = hits[0]
+            if lname in matched or layers[lname].kind not in comp.kinds:
+                what = "is also a target" if lname in matched else f"is a {layers[lname].kind} layer"
+                raise _err(f"adapter '{ad.name}': {opt} cannot go on '{lname}': it {what}", span, spec)
+            layers[lname] = dataclasses.replace(layers[lname], key=f"{lname}.{prefix}", part_of=lname)
+            layer = layers[lname]
+            copts = {d.name: d.default for d in comp.options.values() if d.type != "targets"}
+            copts[list_opt] = tuple(indices)
+            try:
+                prog = instantiate(comp, layer.kind, copts, dict(layer.dims),
+                                   _checkpoint_shapes(ckpt, f"{PREFIX}{layer.key}."))
+            except RequireFailed as e:
+                raise _err(f"adapter '{ad.name}': {opt} on '{lname}': {e.message}", span, spec) from None
+            weight = dict(model.named_parameters(remove_duplicate=False))[layer.weight]
+            pdtype = _param_dtype(layer.dtype)
+            env = {**prog.env, "W": weight.detach().to(pdtype), "b": None}
+            env["W0"] = env["W"]
+            load = _checkpoint_loader(ckpt, f"{PREFIX}{layer.key}.", pdtype, f"adapter '{ad.name}', {opt} on '{lname}'")
+            tensors, consts = make_tensors(prog.steps, env, pdtype, gen, load)
+            plan.sites.setdefault(lname, []).append(
+                SiteAdapter(ad.name, comp, prog, tensors, copts, merge, active, consts))
+
+
 def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: bool = False,
                seed: int = 0, lib: Library | None = None) -> Plan:
     lib = lib or library().checked()
@@ -538,6 +585,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                                                 ckpt, merge, spec))
                     for lname in matched]
         shared_decls, shared = _shared_tensors(method, options, targeted, agg_dims, ckpt, gen, name)
+        _companion_sites(plan, ad, method, options, model, layers, ckpt, gen, merge, is_active, spec, lib, matched)
         for lname, prog, lopts in programs:
             layer = layers[lname]
             weight = params[layer.weight]
@@ -560,8 +608,6 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
         ap = AdapterPlan(ad, method, options, matched, merge=merge, active=is_active,
                          source="import" if from_cfg else ("weights" if ad.weights else "fresh"),
                          shared=shared, shared_decls=shared_decls)
-        if bias_mode != "none":
-            ap.biases = trained_biases(bias_mode, method, model, matched, layers, ckpt, name)
         if method.tied_follow:
             ap.tied = {l: t for l in matched if (t := tied_modules(model, layers[l]))}
         heads = [n for n in module_names if ckpt is not None and ckpt.has_unused_under(f"{PREFIX}{n}.")
@@ -576,6 +622,9 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                 else:
                     copy[pname] = p.detach().clone()
             ap.modules_to_save[m] = copy
+        if bias_mode != "none":
+            ap.biases = trained_biases(bias_mode, method, model, matched, layers, ckpt, name, mts + heads,
+                                       ap.base_weights)
         if ckpt is not None:
             for lname, tied in ap.tied.items():   # peft saves a tied module's copy of the rows too: checked, not loaded
                 for site in plan.sites.get(lname, []):

@@ -29,7 +29,7 @@ def check_report(plan: Plan, model: nn.Module) -> str:
         state.append("active" if ap.active else "inactive")
         if ap.merge:
             state.append("merged")
-        opts = ", ".join(f"{k}={v!r}" for k, v in ap.options.items())
+        opts = ", ".join(f"{k}={v!r}" for k, v in ap.options.items() if v is not None)   # unset list options: none
         lines.append(f"adapter {name}: {ap.method.name}({opts})  [{', '.join(state)}; weights: {ap.source}]")
         kinds: dict[str, int] = {}
         for lname in ap.layers:

@@ -78,11 +78,14 @@ def peft_param_key(fqn: str, matched: list[str], layers: dict[str, Layer]) -> st
 
 
 def trained_biases(mode: str, method: MethodDef, model: nn.Module, matched: list[str], layers: dict[str, Layer],
-                   ckpt: CheckpointTensors | None, adapter: str) -> dict[str, tuple[str, torch.Tensor]]:
-    """peft's `bias` option: base parameter FQN -> (checkpoint key, trainable copy) for every bias of the model
+                   ckpt: CheckpointTensors | None, adapter: str, saved_modules: list[str],
+                   extra: dict[str, torch.Tensor]) -> dict[str, tuple[str, torch.Tensor]]:
+    """peft's `bias` option: base parameter FQN -> (full checkpoint key, trainable copy) for every bias of the model
     (`all`: every parameter with "bias" in its name) or of the adapted layers (`<method>_only`); loaded from the
     checkpoint, or copies of the model's own. As peft: `all` means every parameter named `bias` (not an MHA's
-    in_proj_bias)."""
+    in_proj_bias). A bias inside a module saved whole (`saved_modules`) trains with that module's copy; peft's
+    file also holds it as `<module>.modules_to_save.bias` (written from the copy) and `<module>.original_module.bias`
+    (the unused original: kept in `extra`, key -> tensor, and written back as it was)."""
     named = dict(model.named_modules())
     params = dict(model.named_parameters())
     if mode == "all":
@@ -93,10 +96,22 @@ def trained_biases(mode: str, method: MethodDef, model: nn.Module, matched: list
     for fqn in fqns:
         if fqn not in params:
             continue
-        key = peft_param_key(fqn, matched, layers)
+        saved = next((m for m in saved_modules if fqn.startswith(m + ".")), None)
+        if saved is not None:
+            rest, base = fqn[len(saved) + 1:], params[fqn]
+            for part in ("original_module", "modules_to_save"):
+                key = f"{PREFIX}{saved}.{part}.{rest}"
+                if ckpt is not None and key in ckpt:
+                    t = ckpt.take(key, tuple(base.shape), f"bias of '{saved}' (saved whole by adapter '{adapter}')")
+                    if part == "original_module":
+                        extra[key] = t.to(base.dtype)
+                elif part == "original_module":
+                    extra[key] = base.detach().clone()
+            continue
+        key = PREFIX + peft_param_key(fqn, matched, layers)
         base = params[fqn]
         if ckpt is not None:
-            t = ckpt.take(PREFIX + key, tuple(base.shape), f"bias of adapter '{adapter}' ({method.name}, bias = "
+            t = ckpt.take(key, tuple(base.shape), f"bias of adapter '{adapter}' ({method.name}, bias = "
                           f"\"{mode}\")").to(base.dtype)
         else:
             t = base.detach().clone()

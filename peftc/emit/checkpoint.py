@@ -48,7 +48,8 @@ def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str
     kinds = layer_kinds or {}
     if "fan_in_fan_out" in method.config_fields:
         cfg["fan_in_fan_out"] = any(kinds.get(l) in KINDS and KINDS[kinds[l]].transposed for l in layers)
-    cfg["modules_to_save"] = sorted(rec.modules_to_save) or None
+    if "modules_to_save" not in method.config_omits:
+        cfg["modules_to_save"] = sorted(rec.modules_to_save) or None
     cfg["inference_mode"] = True
     cfg["task_type"] = rec.extra_config.get("task_type")
     cfg["base_model_name_or_path"] = rec.extra_config.get("base_model_name_or_path", manifest.base_model_name_or_path)
@@ -66,6 +67,9 @@ def adapter_tensors(rec: AdapterRecord) -> dict[str, torch.Tensor]:
     for mod, params in rec.modules_to_save.items():
         for pname, t in params.items():
             out[f"{PREFIX}{mod}.{pname}"] = t.detach()
+            if rec.options.get("bias") == "all" and (pname == "bias" or pname.endswith(".bias")):
+                # peft's bias = "all" saves the copy's bias twice
+                out[f"{PREFIX}{mod}.modules_to_save.{pname}"] = t.detach().clone()
     out.update({k: t.detach() for k, t in rec.extra_tensors.items()})
     out.update({f"{SHARED_PREFIX}{k}": t.detach() for k, t in rec.shared.items()})
     for k in rec.shared_each_layer:   # peft keeps a copy under every layer too (a separate tensor in the file)

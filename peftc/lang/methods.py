@@ -79,6 +79,10 @@ class MethodDef:
     bias_only: str | None = None       # peft's `bias` option: "none", "all" or this ("lora_only"); None: no option
     tied_follow: bool = False          # modules tied to a layer's weight (an output head) read the adapted weight
     default_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model_type or "*" -> targets
+    config_omits: tuple[str, ...] = ()  # generic PEFT config keys its config class lacks (modules_to_save)
+    # (method, option, key prefix): the method also runs on the layers this option names (a list: the input
+    # embeddings; a dict: layer -> list), its list option taking the value, its tensors saved under <layer>.<prefix>.
+    companions: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass
@@ -262,7 +266,7 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
         while i < len(ch) and ch[i] is None:
             i += 1
         peft_type, fixed, kinds, mergeable, note, fields, dense = None, {}, [], None, None, (), None
-        bias_only, tied, defaults = None, False, {}
+        bias_only, tied, defaults, omits, companions = None, False, {}, (), []
         for h in ch[i:-1]:
             if h is None:
                 continue
@@ -285,6 +289,10 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
             elif h.data == "bias_option":
                 bias_only = _string(h.children[0])
                 options.setdefault("bias", OptionDecl("bias", "str", "none", "bias"))
+            elif h.data == "companion":
+                companions.append((str(h.children[0]), str(h.children[1]), _string(h.children[2])))
+            elif h.data == "config_omits":
+                omits = tuple(_string(c) for c in h.children)
             elif h.data == "tied_follow":
                 tied = True
             elif h.data == "default_targets":
@@ -293,7 +301,7 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
                         v = _const(to_expr(e.children[1]), file)
                         defaults[_string(e.children[0])] = (v,) if isinstance(v, str) else tuple(v)
         methods.append(MethodDef(name, options, peft_type, fixed, kinds, _stmts(ch[-1], file), mergeable, file,
-                                 note, fields, dense, bias_only, tied, defaults))
+                                 note, fields, dense, bias_only, tied, defaults, omits, tuple(companions)))
     return methods, rules
 
 
@@ -324,8 +332,11 @@ def coerce_option(decl: OptionDecl, value: Any) -> Any:
             raise ValueError(f"expects a string, got {spec_repr(value)}")
         return value
     if t == "list":
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                          for v in value):
+        def ints(v: Any) -> bool:
+            return isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+        if isinstance(value, dict) and all(isinstance(k, str) and ints(v) for k, v in value.items()):
+            return {k: tuple(v) for k, v in value.items()}   # peft's per-layer form: {"embed_tokens": [1, 2]}
+        if not ints(value):
             raise ValueError(f"expects a list of integers such as [1, 2], got {spec_repr(value)}")
         return tuple(value)
     return value  # targets: handled by the planner
