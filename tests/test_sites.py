@@ -17,47 +17,32 @@ from dataclasses import dataclass
 import peft
 import pytest
 import torch
-from conftest import CHANGED, MODELS, TOL, compile_on, inputs_for, max_diff, peft_adapter, randomize_, run_logits
+from conftest import (
+    CHANGED,
+    MODELS,
+    TOL,
+    compile_on,
+    example_inputs_for,
+    inputs_for,
+    max_diff,
+    peft_adapter,
+    randomize_,
+    run_logits,
+)
 from torch import nn
 
 import peftc
 
 
-class MhaNet(nn.Module):
-    """A custom model with an nn.MultiheadAttention (packed q/k/v) between an embedding and a linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(50, 16)
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.norm = nn.LayerNorm(16)
-        self.head = nn.Linear(16, 8)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.emb(ids)
-        a, _ = self.attn(h, h, h)
-        return self.head(self.norm(a + h))
-
-
-def mha_net() -> nn.Module:
-    torch.manual_seed(0)
-    return MhaNet().eval()
-
-
 def _model(name: str) -> nn.Module:
-    return mha_net() if name == "mha" else MODELS[name]()
+    return MODELS[name]()
 
 
-def _inputs(name: str, batch: int = 3, seq: int = 19, seed: int = 7) -> dict[str, torch.Tensor]:
-    if name == "mha":
-        g = torch.Generator().manual_seed(seed)
-        return {"ids": torch.randint(0, 50, (batch, seq), generator=g)}
-    return inputs_for(name, batch, seq, seed)
+def _inputs(name: str) -> dict[str, torch.Tensor]:
+    return inputs_for(name)
 
 
 def _compile(spec: str, name: str, **kw):
-    if name == "mha":
-        return peftc.compile(spec, mha_net(), example_inputs=_inputs("mha", 2, 16, 3), **kw)
     return compile_on(spec, name, **kw)
 
 
@@ -226,7 +211,7 @@ def test_unmerged_forms_copy_no_full_size_weight(model, spec, rules):
     """Unmerged, the layers read their base weights and add (or override) only what the adapter touches: no
     embedding table is copied per forward, MHA's LoRA runs as thin matmuls, LN tuning reads its copy directly."""
     from peftc.pipeline import compile_model
-    kw = {"example_inputs": _inputs("mha", 2, 16, 3)} if model == "mha" else {}
+    kw = {"example_inputs": example_inputs_for(model)} if model == "mha" else {}
     c = compile_model(f"adapter a: {spec}", _model(model), **kw)
     fired = {entry.split(" @ ")[0] for entry in c.rule_log}
     assert rules <= fired, fired
