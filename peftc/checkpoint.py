@@ -172,7 +172,7 @@ def _rules(value: Any, span: Span) -> list[TargetRule]:
 
 # config keys whose non-default value peftc cannot honour (value -> default)
 _UNSUPPORTED_LORA = {"layer_replication": None, "alora_invocation_tokens": None, "use_qalora": False,
-                     "target_parameters": None, "trainable_token_indices": None, "megatron_config": None,
+                     "target_parameters": None, "megatron_config": None,
                      "use_bdlora": None, "arrow_config": None}
 
 
@@ -187,8 +187,9 @@ def adapter_from_config(name: str, directory: str | Path, config: dict[str, Any]
             v = config.get(key, default)
             if v not in (default, [], {}, False):
                 raise PeftcError(f"{cfg_file}: {key} = {v!r} is not supported by peftc yet")
-        if config.get("bias", "none") != "none":
-            raise PeftcError(f"{cfg_file}: bias = {config['bias']!r} is not supported (only \"none\")")
+    if config.get("bias", "none") not in ("none", None) and not method.bias_only:
+        raise PeftcError(f"{cfg_file}: bias = {config['bias']!r} is not supported for {method.name} (only \"none\"; "
+                         "a method takes other values once its file declares `bias_option`)")
     for decl in method.options.values():
         if decl.config_key is None or decl.config_key not in config:
             continue

@@ -153,6 +153,17 @@ def render_method(m: MethodDef) -> list[str]:
         facts.append(("fixed PEFT config", ", ".join(f"`{k}: {spec_repr(v)}`" for k, v in m.fixed_config.items())))
     facts.append(("layer kinds", ", ".join(m.kinds) or "none"))
     facts.append(("mergeable", "always" if m.mergeable is None else f"when `{show(m.mergeable)}`"))
+    if m.bias_only:
+        facts.append(("`bias`", f'`"none"`, `"all"` (every bias of the model trains) or `"{m.bias_only}"` (the biases '
+                                "of the adapted layers), saved under peft's keys"))
+    if m.default_targets:
+        facts.append(("default targets (no `targets` clause)", "; ".join(
+            f"{'any model' if k == '*' else k}: {', '.join(v)}" for k, v in m.default_targets.items())))
+    if m.tied_follow:
+        facts.append(("tied layers", "a module sharing the adapted weight (a tied output head) reads the new one too"))
+    for comp, opt, prefix in m.companions:
+        facts.append(("with", f"`{opt}` puts [{comp}](#{comp}) on the layers it names (a list: the input embeddings), "
+                              f"saved under `<layer>.{prefix}.`"))
     out += [f"- {k}: {v}" for k, v in facts]
     out += ["", "### Options", ""]
     if m.options:

@@ -27,11 +27,16 @@ class LayerKind:
     transposed: bool = False     # the stored weight is (in, out): methods see its transpose
     linear_like: bool = False    # counted by `all-linear`
     kernel: tuple[str, ...] = () # names of the kernel-size dims (convolutions)
+    weight_name: str = "weight"  # the module's attribute holding the adapted weight
+    bias_name: str = "bias"      # ... and its bias
+    # child modules adapted together with this layer, whose weights the layer's own code reads (nn.MultiheadAttention
+    # reads out_proj.weight itself): (child name, its checkpoint path relative to the layer, as peft nests it)
+    parts: tuple[tuple[str, str], ...] = ()
 
     @property
     def dim_names(self) -> tuple[str, ...]:
         """Every dim a method file sees at a layer of this kind."""
-        return ("in", "out", "groups", "has_bias", *self.kernel)
+        return ("in", "out", "groups", "has_bias", *self.kernel, "part")   # part: adapted as part of another layer
 
 
 def _conv(name: str, cls: type[nn.Module], op: Any, kernel: tuple[str, ...]) -> LayerKind:
@@ -61,6 +66,28 @@ KINDS: dict[str, LayerKind] = {k.name: k for k in [
 
 # layer kind -> the dimension names a method sees there (checked when the method library loads)
 KIND_DIMS: dict[str, tuple[str, ...]] = {k.name: k.dim_names for k in KINDS.values()}
+
+
+def _is_norm(m: nn.Module) -> bool:
+    """A normalisation layer with a 1-D affine weight: nn.LayerNorm / RMSNorm / GroupNorm, or a model's own
+    `...Norm` class (Llama's RMSNorm)."""
+    w = getattr(m, "weight", None)
+    named = type(m).__name__.endswith(("Norm", "LayerNorm"))
+    return (isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)) or named) and isinstance(w, nn.Parameter) \
+        and w.dim() == 1
+
+
+def _is_mha(m: nn.Module) -> bool:
+    return isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim and m.in_proj_weight is not None
+
+
+KINDS.update({k.name: k for k in [   # appended: a norm's affine weight (and bias); an MHA's fused q/k/v projection
+    LayerKind("norm", _is_norm, lambda m: {"in": m.weight.shape[0], "out": m.weight.shape[0]},
+              aten.layer_norm.default, 2, 3),
+    LayerKind("mha", _is_mha, lambda m: {"in": m.embed_dim, "out": 3 * m.embed_dim}, aten.linear.default, 1, 2,
+              weight_name="in_proj_weight", bias_name="in_proj_bias", parts=(("out_proj", "base_layer.out_proj"),)),
+]})
+KIND_DIMS.update({k.name: k.dim_names for k in KINDS.values()})
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:

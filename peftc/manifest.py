@@ -31,6 +31,9 @@ class AdapterRecord:
     shared_each_layer: set[str] = field(default_factory=set)       # shared keys also written under every layer
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # config key -> {"<layer>.<suffix>": value}
     unsavable: str | None = None     # why no PEFT checkpoint can hold this adapter (a term of a combination)
+    keys: dict[str, str] = field(default_factory=dict)        # layer -> its checkpoint path, where not its name
+    parts: set[str] = field(default_factory=set)              # layers adapted as parts of another (not targets)
+    tied: dict[str, list[str]] = field(default_factory=dict)  # layer -> tied modules peft saves a copy under
 
 
 @dataclass
@@ -47,7 +50,8 @@ def adapter_record(name: str, ap: AdapterPlan) -> AdapterRecord:
     shared tensors are the plan's (the insert pass replaces them by the graph's)."""
     rec = AdapterRecord(name, ap.method.name, dict(ap.options), {}, {}, merged=ap.merge, active=ap.active,
                         extra_config={k: v for k, v in ap.spec.extra_config.items() if not k.startswith("__")},
-                        extra_tensors=dict(ap.base_weights))
+                        extra_tensors={**ap.base_weights, **{key: t for key, t in ap.biases.values()}},
+                        tied={l: list(t) for l, t in ap.tied.items()})
     rec.unsavable = unsavable(name, ap)
     for decl in ap.shared_decls:
         if decl.saved is not None:
@@ -67,9 +71,14 @@ def unsavable(name: str, ap: AdapterPlan) -> str | None:
             "or of fresh ones: save the sources, or combine imported LoRA checkpoints")
 
 
-def add_layer(rec: AdapterRecord, layer: str, sa: Any, tensors: dict[str, torch.Tensor]) -> None:
+def add_layer(rec: AdapterRecord, layer: str, sa: Any, tensors: dict[str, torch.Tensor], info: Any = None) -> None:
     """A layer's part of an adapter's record: its option values, the config entries its method records,
-    and its saved tensors (`tensors`: param name -> the tensor to save)."""
+    and its saved tensors (`tensors`: param name -> the tensor to save); `info`, the planned Layer, says
+    where peft keeps a part (an MHA's out_proj)."""
+    if info is not None and info.key:
+        rec.keys[layer] = info.key
+    if info is not None and info.part_of:
+        rec.parts.add(layer)
     rec.layer_options[layer] = dict(sa.layer_options)
     for (key, suffix), value in sa.program.records.items():
         rec.records.setdefault(key, {})[f"{layer}.{suffix}"] = value
@@ -82,7 +91,7 @@ def records_from_plan(plan: Plan) -> dict[str, AdapterRecord]:
     records = {name: adapter_record(name, ap) for name, ap in plan.adapters.items()}
     for lname, sas in plan.sites.items():
         for sa in sas:
-            add_layer(records[sa.adapter], lname, sa, sa.tensors)
+            add_layer(records[sa.adapter], lname, sa, sa.tensors, plan.layers.get(lname))
     for name, ap in plan.adapters.items():
         records[name].modules_to_save = {mod: dict(params) for mod, params in ap.modules_to_save.items()}
     return records

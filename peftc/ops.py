@@ -507,3 +507,34 @@ def _orthogonal_ops() -> None:
 
 
 _orthogonal_ops()
+# ---------------------------------------------------------------- rows of a weight (trainable tokens)
+def indices(values: Any) -> torch.Tensor:
+    """A list of integers (an option such as token_indices) as an int64 index tensor, built at compile time."""
+    return torch.tensor(list(values), dtype=torch.int64)
+
+
+for _op in [Op("indices", indices, plan_only=True),
+            Op("index_select", aten.index_select.default),   # index_select(W, 0, idx): rows of W
+            Op("index_copy", aten.index_copy.default)]:      # index_copy(W, 0, idx, rows): W with rows replaced
+    TENSOR_OPS[_op.name] = _op
+    if _op.target is not None:
+        TARGET_TO_OP[_op.target] = _op
+
+
+def row_override(e: torch.Tensor, ids: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """embedding(W with rows `idx` replaced by `rows`, ids), from e = embedding(W, ids): an id in `idx` takes its
+    new row (a one-hot matmul over the few replaced rows), never a copy of the whole table."""
+    hit = ids.unsqueeze(-1) == idx
+    return torch.where(hit.any(-1, keepdim=True), hit.to(rows.dtype) @ rows, e)
+
+
+def col_override(y: torch.Tensor, idx: torch.Tensor, y_rows: torch.Tensor) -> torch.Tensor:
+    """linear(x, W with rows `idx` replaced), from y = linear(x, W) and y_rows = linear(x, rows): output columns
+    `idx` replaced (a tied output head reading the new token rows)."""
+    return y.index_copy(y.dim() - 1, idx, y_rows)
+
+
+for _op in [Op("row_override", row_override), Op("col_override", col_override)]:
+    TENSOR_OPS[_op.name] = _op
+    TARGET_TO_OP[_op.target] = _op
+SCALAR_FUNCS["distinct"] = lambda seq: len(set(seq)) == len(seq)

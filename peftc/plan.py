@@ -45,6 +45,7 @@ from peftc.lang.methods import (
 from peftc.layer_kinds import KINDS
 from peftc.library import Library, library
 from peftc.ops import DTYPES, Init
+from peftc.sites import add_parts, check_bias_mode, default_targets, tied_modules, trained_biases
 from peftc.spec.combinations import expand_combinations, scale_delta
 from peftc.spec.model import AdapterSpec, Span, Spec
 from peftc.targeting import (
@@ -85,6 +86,8 @@ class AdapterPlan:
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # checkpoint key -> a saved base weight
     shared: dict[str, torch.Tensor] = field(default_factory=dict)        # adapter-level tensors, by name
     shared_decls: list[ParamDecl] = field(default_factory=list)
+    biases: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)  # base bias FQN -> (key, trained copy)
+    tied: dict[str, list[str]] = field(default_factory=dict)  # layer -> modules tied to its weight that follow it
 
 
 @dataclass
@@ -107,6 +110,7 @@ class Plan:
             if ap.active and not ap.merge:
                 n += sum(t.numel() for mod in ap.modules_to_save.values() for t in mod.values())
                 n += sum(ap.shared[d.name].numel() for d in ap.shared_decls if not d.frozen)
+                n += sum(t.numel() for _, t in ap.biases.values())
         return n
 
 
@@ -158,7 +162,7 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
             raise _err(f"unknown method '{ad.method}'{did_you_mean(ad.method, lib.methods)}; "
                        f"known methods: {', '.join(sorted(lib.methods))}", ad.option_spans.get("method"), spec)
         _check_clauses(ad, method, spec)
-        if not ad.targets:
+        if not ad.targets and not method.default_targets:
             raise _err(f"adapter '{ad.name}' has no targets: add e.g. `targets q_proj, v_proj` "
                        "or `targets all-linear`", ad.span, spec)
     options: dict[str, Any] = {}
@@ -446,7 +450,7 @@ def _instantiate_layer(ad: AdapterSpec, method: MethodDef, options: dict[str, An
             lopts[decl.name] = False
     try:
         prog = instantiate(method, kind, lopts, {**layer.dims, **extra_dims},
-                           _checkpoint_shapes(ckpt, f"{PREFIX}{lname}."))
+                           _checkpoint_shapes(ckpt, f"{PREFIX}{layer.key or lname}."))
     except RequireFailed as e:
         opts = [n for n in e.names if n in ad.option_spans]
         about_layer = bool(e.names & set(layer.dims))
@@ -466,6 +470,53 @@ def _instantiate_layer(ad: AdapterSpec, method: MethodDef, options: dict[str, An
     return prog, lopts
 
 
+def _companion_sites(plan: Plan, ad: AdapterSpec, method: MethodDef, options: dict[str, Any], model: nn.Module,
+                     layers: dict[str, Layer], ckpt: CheckpointTensors | None, gen: torch.Generator, merge: bool,
+                     active: bool, spec: Spec, lib: Library, matched: list[str]) -> None:
+    """A method's companions (LoRA's trainable_token_indices: trainable tokens on the embeddings): the companion
+    method on each layer the option names, as part of this adapter, its tensors under `<layer>.<prefix>.`."""
+    for comp_name, opt, prefix in method.companions:
+        value = options.get(opt)
+        if not value:
+            continue
+        comp = lib.method(comp_name)
+        span = ad.option_spans.get(opt, ad.span)
+        if isinstance(value, dict):
+            wanted = dict(value)
+        else:
+            try:
+                wanted = {r.value: value for r in default_targets(ad, comp, model)}
+            except PeftcError as e:
+                raise _err(str(e), span, spec) from None
+        list_opt = next(d.name for d in comp.options.values() if d.type == "list")
+        for key, indices in wanted.items():
+            hits = [n for n in layers if n == key or n.endswith("." + key)]
+            if len(hits) != 1:
+                raise _err(f"adapter '{ad.name}': {opt} names '{key}', which matches "
+                           f"{'no layer' if not hits else 'several layers: ' + ', '.join(hits)}", span, spec)
+            lname = hits[0]
+            if lname in matched or layers[lname].kind not in comp.kinds:
+                what = "is also a target" if lname in matched else f"is a {layers[lname].kind} layer"
+                raise _err(f"adapter '{ad.name}': {opt} cannot go on '{lname}': it {what}", span, spec)
+            layers[lname] = dataclasses.replace(layers[lname], key=f"{lname}.{prefix}", part_of=lname)
+            layer = layers[lname]
+            copts = {d.name: d.default for d in comp.options.values() if d.type != "targets"}
+            copts[list_opt] = tuple(indices)
+            try:
+                prog = instantiate(comp, layer.kind, copts, dict(layer.dims),
+                                   _checkpoint_shapes(ckpt, f"{PREFIX}{layer.key}."))
+            except RequireFailed as e:
+                raise _err(f"adapter '{ad.name}': {opt} on '{lname}': {e.message}", span, spec) from None
+            weight = dict(model.named_parameters(remove_duplicate=False))[layer.weight]
+            pdtype = _param_dtype(layer.dtype)
+            env = {**prog.env, "W": weight.detach().to(pdtype), "b": None}
+            env["W0"] = env["W"]
+            load = _checkpoint_loader(ckpt, f"{PREFIX}{layer.key}.", pdtype, f"adapter '{ad.name}', {opt} on '{lname}'")
+            tensors, consts = make_tensors(prog.steps, env, pdtype, gen, load)
+            plan.sites.setdefault(lname, []).append(
+                SiteAdapter(ad.name, comp, prog, tensors, copts, merge, active, consts))
+
+
 def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: bool = False,
                seed: int = 0, lib: Library | None = None) -> Plan:
     lib = lib or library().checked()
@@ -483,6 +534,14 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
     plan = Plan(layers, {}, {}, train)
     for idx, (name, raw) in enumerate(spec.adapters.items()):
         ad, method, options = resolve_adapter(raw, spec, lib)
+        if not ad.targets and method.default_targets:
+            try:
+                ad = dataclasses.replace(ad, targets=default_targets(ad, method, model))
+            except PeftcError as e:
+                raise _err(str(e), ad.span, spec) from None
+        bias_mode = options.get("bias", "none") if method.bias_only else "none"
+        if (msg := check_bias_mode(bias_mode, method)) is not None:
+            raise _err(f"adapter '{name}': {msg}", ad.option_spans.get("bias", ad.span), spec)
         is_active = name in active
         merge = (ad.merge or merge_all) and is_active
         from_cfg = ad.import_dir is not None and raw.method is None
@@ -515,6 +574,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
             desc = ", ".join(r.value if r.kind != "regex" else f"/{r.value}/" for r in ad.targets)
             raise _err(f"adapter '{name}': targets {desc} match no layer of the model"
                        f"{_near_misses(ad, module_names)}", where, spec)
+        matched = add_parts(matched, layers)   # an MHA's out_proj goes with it
         # where weights come from
         ckpt: CheckpointTensors | None = None
         if ad.weights is not None or from_cfg:
@@ -545,13 +605,14 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                                                 ckpt, merge, spec))
                     for lname in matched]
         shared_decls, shared = _shared_tensors(method, options, targeted, agg_dims, ckpt, gen, name)
+        _companion_sites(plan, ad, method, options, model, layers, ckpt, gen, merge, is_active, spec, lib, matched)
         for lname, prog, lopts in programs:
             layer = layers[lname]
             weight = params[layer.weight]
             w_lin = weight.t() if KINDS[layer.kind].transposed else weight
             bias = params.get(layer.bias) if layer.bias else None
             pdtype = _param_dtype(layer.dtype)
-            load = _checkpoint_loader(ckpt, f"{PREFIX}{lname}.", pdtype,
+            load = _checkpoint_loader(ckpt, f"{PREFIX}{layer.key or lname}.", pdtype,
                                       f"adapter '{name}', {method.name} on '{lname}'")
             env = {**prog.env, **shared, "W": w_lin.detach().to(pdtype),
                    "b": bias.detach().to(pdtype) if bias is not None else None}
@@ -567,6 +628,8 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
         ap = AdapterPlan(ad, method, options, matched, merge=merge, active=is_active,
                          source="import" if from_cfg else ("weights" if ad.weights else "fresh"),
                          shared=shared, shared_decls=shared_decls)
+        if method.tied_follow:
+            ap.tied = {l: t for l in matched if (t := tied_modules(model, layers[l]))}
         heads = [n for n in module_names if ckpt is not None and ckpt.has_unused_under(f"{PREFIX}{n}.")
                  and any(n.endswith(h) for h in ad.extra_config.get("__heads", [])
                          if h not in mts_names)]
@@ -579,7 +642,17 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                 else:
                     copy[pname] = p.detach().clone()
             ap.modules_to_save[m] = copy
+        if bias_mode != "none":
+            ap.biases = trained_biases(bias_mode, method, model, matched, layers, ckpt, name, mts + heads,
+                                       ap.base_weights)
         if ckpt is not None:
+            for lname, tied in ap.tied.items():   # peft saves a tied module's copy of the rows too: checked, not loaded
+                for site in plan.sites.get(lname, []):
+                    for decl in site.program.params if site.adapter == name else []:
+                        for other in tied:
+                            key = f"{PREFIX}{other}.{decl.saved}"
+                            if decl.saved is not None and key in ckpt:
+                                ckpt.take(key, decl.shape, f"adapter '{name}', the copy tied to '{lname}'")
             for decl in shared_decls:   # per-layer copies of a shared tensor: checked, not loaded twice
                 if decl.each_layer and decl.saved is not None:
                     for lname in matched:
@@ -590,8 +663,8 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
             # they are the base weights the adapter was trained on, and replace the model's own
             for lname in matched:
                 for leaf, fqn in (("weight", layers[lname].weight), ("bias", layers[lname].bias)):
-                    key = f"{PREFIX}{lname}.base_layer.{leaf}"
-                    if fqn is None or key not in ckpt:
+                    key = f"{PREFIX}{layers[lname].key or lname}.base_layer.{leaf}"
+                    if fqn is None or key not in ckpt or fqn in ap.biases:
                         continue
                     base_t = params[fqn]
                     t = ckpt.take(key, tuple(base_t.shape), f"base {leaf} of '{lname}'")

@@ -41,7 +41,8 @@ def check_data(plan: Plan, model: nn.Module) -> dict[str, Any]:
         if ap.spec.delta_scale is not None:
             comb = {"name": ap.spec.extra_config["__combination"][0], "scale": ap.spec.delta_scale}
         adapters.append({
-            "name": name, "method": ap.method.name, "options": _plain(ap.options), "active": ap.active,
+            "name": name, "method": ap.method.name,
+            "options": _plain({k: v for k, v in ap.options.items() if v is not None}), "active": ap.active,
             "merged": ap.merge, "weights": ap.source, "combination": comb, "layers": list(ap.layers),
             "layer_kinds": dict(sorted(kinds.items())), "modules_to_save": list(ap.modules_to_save),
             "modules_to_save_params": n_mts, "params": n_adapter + n_mts})

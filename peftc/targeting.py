@@ -34,6 +34,9 @@ class Layer:
     dims: dict[str, Any] = field(default_factory=dict)
     shape: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32
+    reader: str | None = None  # the module whose code reads the weight, when not this one (an MHA's out_proj)
+    key: str | None = None     # the layer's path in a PEFT checkpoint, when not its name (peft nests parts)
+    part_of: str | None = None # the targeted layer this one is adapted with (not a target itself)
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -47,13 +50,14 @@ def layers_of(model: nn.Module) -> dict[str, Layer]:
         kind = kind_of(mod)
         if kind is None or not name:
             continue
-        w = mod.weight
-        has_bias = getattr(mod, "bias", None) is not None
+        w = getattr(mod, kind.weight_name)
+        has_bias = getattr(mod, kind.bias_name, None) is not None
         dims = dict(kind.dims(mod))
         dims.setdefault("groups", 1)
         dims["has_bias"] = has_bias
-        out[name] = Layer(name, kind.name, type(mod).__name__, f"{name}.weight", f"{name}.bias" if has_bias else None,
-                          dims, tuple(w.shape), w.dtype)
+        dims["part"] = False
+        out[name] = Layer(name, kind.name, type(mod).__name__, f"{name}.{kind.weight_name}",
+                          f"{name}.{kind.bias_name}" if has_bias else None, dims, tuple(w.shape), w.dtype)
     return out
 
 

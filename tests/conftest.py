@@ -91,14 +91,36 @@ def token_mlp() -> nn.Module:
     return TokenMLP().eval()
 
 
-MODELS = {"llama": llama, "gpt2": gpt2, "bert-cls": bert_cls, "convnet": convnet, "token-mlp": token_mlp}
+class MhaNet(nn.Module):
+    """A custom model with an nn.MultiheadAttention (packed q/k/v) between an embedding and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        a, _ = self.attn(h, h, h)
+        return self.head(self.norm(a + h))
+
+
+def mha_net() -> nn.Module:
+    torch.manual_seed(0)
+    return MhaNet().eval()
+
+
+MODELS = {"llama": llama, "gpt2": gpt2, "bert-cls": bert_cls, "convnet": convnet, "token-mlp": token_mlp,
+          "mha": mha_net}
 
 
 def inputs_for(name: str, batch: int = 3, seq: int = 19, seed: int = 7) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     if name == "convnet":
         return {"x": torch.randn(batch, 3, 8, 8, generator=g)}
-    if name == "token-mlp":
+    if name in ("token-mlp", "mha"):
         return {"ids": torch.randint(0, 50, (batch, seq), generator=g)}
     ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -148,7 +170,7 @@ def tiny_llama():
 
 
 # ---------------------------------------------------------------- differential-testing helpers
-CUSTOM_MODELS = ("convnet", "token-mlp")
+CUSTOM_MODELS = ("convnet", "token-mlp", "mha")
 
 
 def compile_on(spec: str, model_name: str, model: nn.Module | None = None, **kwargs):

@@ -169,7 +169,8 @@ def test_inspect_builtin(work):
     assert re.search(r"^lm_head\s+linear\s+320x48\b", out, re.M), out
     model = MODELS["gpt2"]()
     n = sum(1 for name, m in model.named_modules()
-            if name and (type(m).__name__ == "Conv1D" or isinstance(m, (torch.nn.Linear, torch.nn.Embedding))))
+            if name and (type(m).__name__ == "Conv1D" or isinstance(m, (torch.nn.Linear, torch.nn.Embedding,
+                                                                          torch.nn.LayerNorm))))
     total = sum(p.numel() for p in model.parameters())
     assert f"{n} targetable layers" in out and f"{total:,} parameters in all" in out, out
 
@@ -180,7 +181,7 @@ def test_inspect_hf_model_dir(work):
     for layer in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"):
         assert re.search(rf"^{re.escape(layer)}\s+linear\s", out, re.M), out
     assert re.search(r"^model\.embed_tokens\s+embedding\s+320x64\b", out, re.M), out
-    assert "16 targetable layers (1 embedding, 15 linear)" in out, out
+    assert "21 targetable layers (1 embedding, 15 linear, 5 norm)" in out, out
 
 
 def test_console_script_lists_builtins():

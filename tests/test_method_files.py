@@ -81,6 +81,7 @@ SITES = {
                                                  "{ targets conv1, conv2 }"),
     ("lora", "conv3d", "plain"): ("seqvol", 'lora(r = 2, alpha = 4, init = "random") { targets vol }'),
     ("lora", "embedding", "plain"): ("token-mlp", 'lora(r = 4, alpha = 8, init = "random") { targets emb }'),
+    ("lora", "mha", "plain"): ("mha", 'lora(r = 2, alpha = 4, init = "random") { targets attn }'),
     ("dora", "linear", "bias"): ("token-mlp", 'dora(r = 2, alpha = 4, init = "random") { targets lin0, lin1 }'),
     ("dora", "linear", "rslora"): ("llama", 'dora(r = 4, alpha = 8, rslora = true, init = "random") '
                                             "{ targets q_proj, up_proj }"),

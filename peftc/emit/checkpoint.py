@@ -30,7 +30,7 @@ def _config_value(decl: Any, value: Any) -> Any:
 def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str, str] | None = None) -> dict:
     method = library().method(rec.method)
     cfg: dict[str, Any] = {"peft_type": method.peft_type, **method.fixed_config}
-    layers = sorted(rec.tensors)
+    layers = sorted(l for l in rec.tensors if l not in rec.parts)
     for decl in method.options.values():
         if decl.config_key is None:
             continue
@@ -46,11 +46,12 @@ def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str
         cfg[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(entries.items())}
     cfg["target_modules"] = layers
     if "bias" in method.config_fields:
-        cfg["bias"] = "none"
+        cfg.setdefault("bias", "none")
     kinds = layer_kinds or {}
     if "fan_in_fan_out" in method.config_fields:
         cfg["fan_in_fan_out"] = any(kinds.get(l) in KINDS and KINDS[kinds[l]].transposed for l in layers)
-    cfg["modules_to_save"] = sorted(rec.modules_to_save) or None
+    if "modules_to_save" not in method.config_omits:
+        cfg["modules_to_save"] = sorted(rec.modules_to_save) or None
     cfg["inference_mode"] = True
     cfg["task_type"] = rec.extra_config.get("task_type")
     cfg["base_model_name_or_path"] = rec.extra_config.get("base_model_name_or_path", manifest.base_model_name_or_path)
@@ -62,10 +63,15 @@ def adapter_tensors(rec: AdapterRecord) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for layer, tensors in rec.tensors.items():
         for saved, t in tensors.items():
-            out[f"{PREFIX}{layer}.{saved}"] = t.detach()
+            out[f"{PREFIX}{rec.keys.get(layer, layer)}.{saved}"] = t.detach()
+            for other in rec.tied.get(layer, []):   # peft saves the tied module's copy too
+                out[f"{PREFIX}{other}.{saved}"] = t.detach().clone()
     for mod, params in rec.modules_to_save.items():
         for pname, t in params.items():
             out[f"{PREFIX}{mod}.{pname}"] = t.detach()
+            if rec.options.get("bias") == "all" and (pname == "bias" or pname.endswith(".bias")):
+                # peft's bias = "all" saves the copy's bias twice
+                out[f"{PREFIX}{mod}.modules_to_save.{pname}"] = t.detach().clone()
     out.update({k: t.detach() for k, t in rec.extra_tensors.items()})
     out.update({f"{SHARED_PREFIX}{k}": t.detach() for k, t in rec.shared.items()})
     for k in rec.shared_each_layer:   # peft keeps a copy under every layer too (a separate tensor in the file)

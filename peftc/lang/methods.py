@@ -21,7 +21,7 @@ from peftc.errors import PeftcError, did_you_mean
 from peftc.lang.expr import Call, Const, Expr, names_in, to_expr
 from peftc.resources import grammar_text
 
-OPTION_TYPES = ("int", "float", "bool", "str", "targets", "number")
+OPTION_TYPES = ("int", "float", "bool", "str", "targets", "number", "list")
 # names a method sees besides its options and the layer's dims: over all of the adapter's layers (max_in,
 # max_out, the sum of in * out, their number), and whether it is compiled for training / from a checkpoint
 ADAPTER_DIMS = ("max_in", "max_out", "total_in_out", "n_layers", "training", "loading")
@@ -41,6 +41,8 @@ def spec_repr(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return f'"{value}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(spec_repr(v) for v in value) + "]"
     return repr(value)
 
 
@@ -76,6 +78,13 @@ class MethodDef:
     config_fields: tuple[str, ...] = ()  # generic PEFT config keys (fan_in_fan_out, bias) its config class has
     dense_note: str | None = None      # why its unmerged form may rebuild a full-size update every forward
     training_if: Expr | None = None    # when the training note applies (None: always)
+    bias_only: str | None = None       # peft's `bias` option: "none", "all" or this ("lora_only"); None: no option
+    tied_follow: bool = False          # modules tied to a layer's weight (an output head) read the adapted weight
+    default_targets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model_type or "*" -> targets
+    config_omits: tuple[str, ...] = ()  # generic PEFT config keys its config class lacks (modules_to_save)
+    # (method, option, key prefix): the method also runs on the layers this option names (a list: the input
+    # embeddings; a dict: layer -> list), its list option taking the value, its tensors saved under <layer>.<prefix>.
+    companions: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass
@@ -144,6 +153,8 @@ def _const(expr: Expr, file: str) -> Any:
         return expr.value
     if isinstance(expr, Call) and expr.fn == "neg" and isinstance(expr.args[0], Const):   # -1
         return -expr.args[0].value
+    if isinstance(expr, Call) and expr.fn == "tuple" and all(isinstance(a, Const) for a in expr.args):
+        return tuple(a.value for a in expr.args)
     from peftc.lang.evaluate import EvalError, evaluate
     try:
         return evaluate(expr, {})
@@ -266,6 +277,7 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
             i += 1
         peft_type, fixed, kinds, mergeable, note, fields, dense = None, {}, [], None, None, (), None
         training_if = None
+        bias_only, tied, defaults, omits, companions = None, False, {}, (), []
         for h in ch[i:-1]:
             if h is None:
                 continue
@@ -286,8 +298,23 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
                 fields = tuple(_string(c) for c in h.children)
             elif h.data == "dense_note":
                 dense = _string(h.children[0])
+            elif h.data == "bias_option":
+                bias_only = _string(h.children[0])
+                options.setdefault("bias", OptionDecl("bias", "str", "none", "bias"))
+            elif h.data == "companion":
+                companions.append((str(h.children[0]), str(h.children[1]), _string(h.children[2])))
+            elif h.data == "config_omits":
+                omits = tuple(_string(c) for c in h.children)
+            elif h.data == "tied_follow":
+                tied = True
+            elif h.data == "default_targets":
+                for e in h.children:
+                    if e is not None:
+                        v = _const(to_expr(e.children[1]), file)
+                        defaults[_string(e.children[0])] = (v,) if isinstance(v, str) else tuple(v)
         methods.append(MethodDef(name, options, peft_type, fixed, kinds, _stmts(ch[-1], file), mergeable, file,
-                                 note, fields, dense, training_if))
+                                 note, fields, dense, training_if, bias_only, tied, defaults, omits,
+                                 tuple(companions)))
     return methods, rules
 
 
@@ -321,6 +348,14 @@ def coerce_option(decl: OptionDecl, value: Any) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"expects a string, got {spec_repr(value)}")
         return value
+    if t == "list":
+        def ints(v: Any) -> bool:
+            return isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+        if isinstance(value, dict) and all(isinstance(k, str) and ints(v) for k, v in value.items()):
+            return {k: tuple(v) for k, v in value.items()}   # peft's per-layer form: {"embed_tokens": [1, 2]}
+        if not ints(value):
+            raise ValueError(f"expects a list of integers such as [1, 2], got {spec_repr(value)}")
+        return tuple(value)
     return value  # targets: handled by the planner
 
 

@@ -21,6 +21,7 @@ from peftc.manifest import Manifest, adapter_record, add_layer
 from peftc.ops import TENSOR_OPS
 from peftc.plan import Plan
 from peftc.rewrite.graph_tools import ADAPTER, BASE, TAG, GraphBuilder, get_path, has_path, normalized_args, set_path
+from peftc.rewrite.sites import NotAdaptable, not_adaptable_error, train_biases, why_not_read
 from peftc.stochastic import weight_dropout
 
 aten = torch.ops.aten
@@ -46,16 +47,18 @@ def module_of(node: fx.Node) -> str | None:
     return path.split("@")[0] if isinstance(path, str) else None
 
 
-def _consumers(gm: fx.GraphModule, fqn: str | None, layer: str) -> tuple[fx.Node | None, list[tuple[fx.Node, fx.Node]]]:
+def _consumers(gm: fx.GraphModule, fqn: str | None, layer: str | None) -> tuple[fx.Node | None,
+                                                                               list[tuple[fx.Node, fx.Node]]]:
     """A get_attr node reading the tensor at `fqn`, and (node, get_attr it reads) for every node of module
-    `layer` that reads that tensor (a tied weight has readers in other modules too; they are left alone)."""
+    `layer` that reads that tensor (a tied weight has readers in other modules too; they are left alone, unless
+    `layer` is None: every reader)."""
     if fqn is None or not has_path(gm, fqn):
         return None, []
     t = get_path(gm, fqn)
     reader, users = None, []
     for n in gm.graph.nodes:
         if n.op == "get_attr" and get_path(gm, n.target) is t:
-            mine = [(u, n) for u in n.users if module_of(u) in (None, layer)]
+            mine = [(u, n) for u in n.users if layer is None or module_of(u) in (None, layer)]
             if mine and reader is None:
                 reader = n
             users += mine
@@ -94,7 +97,7 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
                     _register(gm, manifest, path, sa.tensors[decl.name], live, decl.frozen)
                     paths[(sa.adapter, decl.name)] = path
                 add_layer(rec, lname, sa, {d.name: get_path(gm, paths[(sa.adapter, d.name)])
-                                           for d in sa.program.params})
+                                           for d in sa.program.params}, layer)
                 for cname, value in sa.consts.items():
                     path = f"{lname}.peftc_{cname}.{sa.adapter}"
                     set_path(gm, path, value)
@@ -114,7 +117,11 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
                         mpath = f"{lname}.{stem}.{sa.adapter}"
                         set_path(gm, mpath, weight_dropout(over, p_drop, False))
                         manifest.registered.add(mpath)
-            modified |= _rewrite_layer(gm, layer, [sa for sa in sas if sa.active], paths, plan.train)
+            try:
+                modified |= _rewrite_layer(gm, layer, [sa for sa in sas if sa.active], paths, plan.train)
+            except NotAdaptable as e:
+                raise not_adaptable_error(plan, lname, sas, str(e)) from None
+        modified |= train_biases(gm, plan, manifest)
         for name, ap in plan.adapters.items():
             rec = manifest.adapters[name]
             for mod, params in ap.modules_to_save.items():
@@ -172,10 +179,11 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
     """Replace the layer's weight (and bias) wherever the layer's own ops read them by W' = T(W, theta)."""
     if not sas:
         return False
-    wnode, w_reads = _consumers(gm, layer.weight, layer.name)
-    bnode, b_reads = _consumers(gm, layer.bias, layer.name)
+    reader = None if any(sa.method.tied_follow for sa in sas) else (layer.reader or layer.name)
+    wnode, w_reads = _consumers(gm, layer.weight, reader)
+    bnode, b_reads = _consumers(gm, layer.bias, layer.reader or layer.name)
     if not w_reads:
-        return False  # the layer is never called in this forward
+        raise NotAdaptable(why_not_read(gm, layer))
     w_users = [u for u, _ in w_reads]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     anchor = min(w_users + [u for u, _ in b_reads], key=order.get)

@@ -46,6 +46,8 @@ def _literal(tok: Token | Tree) -> object:
         kind = tok.data
         if kind in ("true", "false"):
             return kind == "true"
+        if kind == "list_value":
+            return [_literal(c) for c in tok.children if c is not None]
         tok = tok.children[0]
         if kind == "number":
             text = str(tok)
