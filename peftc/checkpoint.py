@@ -162,7 +162,7 @@ def _rules(value: Any, span: Span) -> list[TargetRule]:
 
 # config keys whose non-default value peftc cannot honour (value -> default)
 _UNSUPPORTED_LORA = {"layer_replication": None, "alora_invocation_tokens": None, "use_qalora": False,
-                     "target_parameters": None, "trainable_token_indices": None, "megatron_config": None,
+                     "trainable_token_indices": None, "megatron_config": None,
                      "use_bdlora": None, "arrow_config": None}
 
 
@@ -197,7 +197,8 @@ def adapter_from_config(name: str, directory: str | Path, config: dict[str, Any]
             continue
         ad.options[decl.name] = value
     ad.targets = _rules(config.get("target_modules"), cspan)
-    if not ad.targets:
+    ad.parameters = [TargetRule("name", str(v), cspan) for v in config.get("target_parameters") or []]
+    if not ad.targets and not ad.parameters:
         raise PeftcError(f"{cfg_file}: target_modules is empty; nothing to adapt")
     ad.exclude = _rules(config.get("exclude_modules"), cspan)
     ltt = config.get("layers_to_transform")

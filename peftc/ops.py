@@ -27,6 +27,14 @@ def conv_lowrank(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
 
 
+def expert_lowrank(b: torch.Tensor, a: torch.Tensor, experts: int) -> torch.Tensor:
+    """Per-expert low-rank updates from peft's stacked factors, as (experts, out, in): a (r*E, in) holds expert
+    e's rows at [e*r, (e+1)*r); b (out, r*E) holds expert e's columns interleaved, at j*E + e (peft's layout)."""
+    a3 = a.reshape(experts, -1, a.shape[-1])                        # (E, r, in)
+    b3 = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)        # (E, out, r)
+    return torch.bmm(b3, a3)
+
+
 def col_norm(v: torch.Tensor) -> torch.Tensor:
     """L2 norm of each column of a 2-d weight (over the first dim): DoRA on an embedding table."""
     return torch.linalg.vector_norm(v, 2, dim=0)
@@ -301,6 +309,7 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("scale_rows", scale_rows),
     Op("channels", channels),
     Op("conv_lowrank", conv_lowrank),
+    Op("expert_lowrank", expert_lowrank),
     Op("vec", vec),
     Op("dropin", dropin),
     Op("dropout", None, module_call=True),

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftc.layer_kinds import kind_of
+from peftc.layer_kinds import kind_of, parameter_kind
 from peftc.spec.model import AdapterSpec, TargetRule
 
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -34,6 +34,7 @@ class Layer:
     dims: dict[str, Any] = field(default_factory=dict)
     shape: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32
+    module: str = ""          # the module whose ops read the weight, when it is not `name` (a bare parameter)
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -54,6 +55,29 @@ def layers_of(model: nn.Module) -> dict[str, Layer]:
         dims["has_bias"] = has_bias
         out[name] = Layer(name, kind.name, type(mod).__name__, f"{name}.weight", f"{name}.bias" if has_bias else None,
                           dims, tuple(w.shape), w.dtype)
+    return out
+
+
+def parameter_layers(model: nn.Module, rules: list[TargetRule]) -> dict[str, Layer]:
+    """The bare parameters `rules` (peft's target_parameters) select, as layers named by the parameter's full
+    name: a name matches `<module>.<param>` exactly or as a dot-suffix (peft has no regex here). Parameters
+    of the top-level module cannot be targeted (peft refuses them too)."""
+    out: dict[str, Layer] = {}
+    if not rules:
+        return out
+    for mname, mod in model.named_modules():
+        if not mname:
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            key = f"{mname}.{pname}"
+            if not any(_name_hit(r.value, key) for r in rules):
+                continue
+            found = parameter_kind(p, mod)
+            if found is None:
+                continue
+            kind, dims = found
+            out[key] = Layer(key, kind.name, type(mod).__name__, key, None, {**dims, "groups": 1, "has_bias": False},
+                             tuple(p.shape), p.dtype, module=mname)
     return out
 
 

@@ -42,12 +42,15 @@ def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str
                                      if rec.layer_options.get(l, {}).get(decl.name, value) != value}
     for key, entries in rec.records.items():   # per-layer entries a method records (AdaLoRA's rank_pattern)
         cfg[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(entries.items())}
-    cfg["target_modules"] = layers
+    kinds = layer_kinds or {}
+    params = [l for l in layers if kinds.get(l) in KINDS and KINDS[kinds[l]].parameter]
+    cfg["target_modules"] = [l for l in layers if l not in params]
+    if params:   # bare nn.Parameters (stacked MoE experts): peft's target_parameters
+        cfg["target_parameters"] = params
     if "bias" in method.config_fields:
         cfg["bias"] = "none"
-    kinds = layer_kinds or {}
     if "fan_in_fan_out" in method.config_fields:
-        cfg["fan_in_fan_out"] = any(kinds.get(l) in KINDS and KINDS[kinds[l]].transposed for l in layers)
+        cfg["fan_in_fan_out"] = any(kinds.get(l) in KINDS and KINDS[kinds[l]].peft_fan_in_fan_out for l in layers)
     cfg["modules_to_save"] = sorted(rec.modules_to_save) or None
     cfg["inference_mode"] = True
     cfg["task_type"] = rec.extra_config.get("task_type")
@@ -60,7 +63,7 @@ def adapter_tensors(rec: AdapterRecord) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for layer, tensors in rec.tensors.items():
         for saved, t in tensors.items():
-            out[f"{PREFIX}{layer}.{saved}"] = t.detach()
+            out[f"{PREFIX}{rec.saved_names.get(layer, layer)}.{saved}"] = t.detach()
     for mod, params in rec.modules_to_save.items():
         for pname, t in params.items():
             out[f"{PREFIX}{mod}.{pname}"] = t.detach()

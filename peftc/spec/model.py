@@ -47,6 +47,8 @@ class AdapterSpec:
     weights: str | None = None
     merge: bool = False
     extra_config: dict[str, Any] = field(default_factory=dict)
+    parameters: list[TargetRule] = field(default_factory=list)   # bare nn.Parameters (peft's target_parameters)
+    replicate: list[tuple[int, int]] | None = None  # peft's layer_replication: [start, end) ranges of layers
 
 
 @dataclass
