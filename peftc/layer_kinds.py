@@ -30,6 +30,7 @@ class LayerKind:
     more: tuple[str, ...] = ()   # further dims a method sees (`experts` of a stacked parameter)
     fan_in_fan_out: bool | None = None  # peft's flag for this kind (None: the same as `transposed`)
     parameter: bool = False      # a bare nn.Parameter (peft's target_parameters), not a module
+    groups_arg: int | None = None  # the op's `groups` argument index (grouped convolutions)
 
     @property
     def dim_names(self) -> tuple[str, ...]:
@@ -45,7 +46,7 @@ def _conv(name: str, cls: type[nn.Module], op: Any, kernel: tuple[str, ...]) -> 
     """An nn.ConvNd kind: dims in/out/groups and one per kernel axis."""
     def dims(m: nn.Module) -> dict[str, Any]:
         return {"in": m.in_channels, "out": m.out_channels, "groups": m.groups, **dict(zip(kernel, m.kernel_size))}
-    return LayerKind(name, lambda m: isinstance(m, cls), dims, op, 1, 2, kernel=kernel)
+    return LayerKind(name, lambda m: isinstance(m, cls), dims, op, 1, 2, kernel=kernel, groups_arg=6)
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:

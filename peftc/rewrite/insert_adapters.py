@@ -210,6 +210,7 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
         w_out.meta[BASE] = layer.weight
         for u, read in w_reads:
             u.replace_input_with(read, w_out)
+        _ungroup_if_widened(layer, w_users, w_out)
     if b_cur is not bnode and b_cur is not None:
         if bnode is not None:
             b_cur.meta[BASE] = layer.bias
@@ -221,6 +222,23 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
         u.meta[TAG] = layer.name
         u.meta[ADAPTER] = tuple(sa.adapter for sa in sas)
     return True
+
+
+def _ungroup_if_widened(layer: Any, users: list[fx.Node], w_out: fx.Node) -> None:
+    """A method may widen a grouped conv kernel (out, in/g, ..) to an ungrouped one (out, in, ..) that computes
+    the same plus an update that mixes groups (LoRA's full-width A): the layer's op then runs ungrouped."""
+    kind = KINDS[layer.kind]
+    val = w_out.meta.get("peftc_val")
+    if kind.groups_arg is None or layer.dims.get("groups", 1) == 1 or val is None:
+        return
+    if val.dim() < 2 or val.shape[1] != layer.dims["in"] or layer.shape[1] == layer.dims["in"]:
+        return
+    for u in users:
+        if u.target is not kind.op:
+            raise PeftcError(f"cannot ungroup layer '{layer.name}': it computes {u.target} rather than {kind.op}")
+        args = normalized_args(u, TENSOR_OPS[layer.kind])
+        args[kind.groups_arg] = 1
+        u.args = tuple(args)
 
 
 def _orient(b: GraphBuilder, w: Any, layer: Any) -> Any:
