@@ -31,6 +31,7 @@ class AdapterRecord:
     shared_each_layer: set[str] = field(default_factory=set)       # shared keys also written under every layer
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # config key -> {"<layer>.<suffix>": value}
     saved_names: dict[str, str] = field(default_factory=dict)  # layer -> peft's module name for its tensors
+    replicate: list[tuple[int, int]] | None = None  # the model's layer replication (peft's layer_replication)
 
 
 @dataclass
@@ -47,7 +48,7 @@ def adapter_record(name: str, ap: AdapterPlan) -> AdapterRecord:
     shared tensors are the plan's (the insert pass replaces them by the graph's)."""
     rec = AdapterRecord(name, ap.method.name, dict(ap.options), {}, {}, merged=ap.merge, active=ap.active,
                         extra_config={k: v for k, v in ap.spec.extra_config.items() if not k.startswith("__")},
-                        extra_tensors=dict(ap.base_weights), saved_names=dict(ap.saved_names))
+                        extra_tensors=dict(ap.base_weights), saved_names=dict(ap.saved_names), replicate=ap.replicate)
     for decl in ap.shared_decls:
         if decl.saved is not None:
             rec.shared[decl.saved] = ap.shared[decl.name]

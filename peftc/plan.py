@@ -86,6 +86,7 @@ class AdapterPlan:
     shared: dict[str, torch.Tensor] = field(default_factory=dict)        # adapter-level tensors, by name
     shared_decls: list[ParamDecl] = field(default_factory=list)
     saved_names: dict[str, str] = field(default_factory=dict)  # layer -> peft's module name in the checkpoint
+    replicate: list[tuple[int, int]] | None = None  # the layer replication of the model it is on (peftc.replicate)
 
 
 @dataclass
@@ -233,6 +234,10 @@ def _only_merge_and_exclude(ad: AdapterSpec, spec: Spec) -> None:
         extra.append(("save", ad.span))
     if ad.weights is not None:
         extra.append(("weights", ad.option_spans.get("weights")))
+    if ad.parameters:
+        extra.append(("parameters", ad.option_spans.get("parameters")))
+    if ad.replicate is not None:
+        extra.append(("replicate", ad.option_spans.get("replicate")))
     if extra:
         clause, span = extra[0]
         raise _err(f"adapter '{ad.name}' is imported whole from its PEFT checkpoint: its block takes only "
@@ -498,6 +503,8 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                        f"declared: {', '.join(spec.adapters) or 'none'}",
                        spec.active_spans.get(a), spec)
     plan = Plan(layers, {}, {}, train)
+    from peftc.replicate import replication_of
+    replicated = replication_of(spec, lib)
     for idx, (name, raw) in enumerate(spec.adapters.items()):
         ad, method, options = resolve_adapter(raw, spec, lib)
         is_active = name in active
@@ -589,7 +596,8 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                             f"none of its {len(matched)} targeted layers, so it changes nothing", pp.span))
         ap = AdapterPlan(ad, method, options, matched, merge=merge, active=is_active,
                          source="import" if from_cfg else ("weights" if ad.weights else "fresh"),
-                         shared=shared, shared_decls=shared_decls, saved_names=saved_names)
+                         shared=shared, shared_decls=shared_decls, saved_names=saved_names,
+                         replicate=replicated if "layer_replication" in method.config_fields else None)
         heads = [n for n in module_names if ckpt is not None and ckpt.has_unused_under(f"{PREFIX}{n}.")
                  and any(n.endswith(h) for h in ad.extra_config.get("__heads", [])
                          if h not in mts_names)]

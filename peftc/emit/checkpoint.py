@@ -49,6 +49,8 @@ def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str
         cfg["target_parameters"] = params
     if "bias" in method.config_fields:
         cfg["bias"] = "none"
+    if "layer_replication" in method.config_fields:
+        cfg["layer_replication"] = [list(r) for r in rec.replicate] if rec.replicate else None
     if "fan_in_fan_out" in method.config_fields:
         cfg["fan_in_fan_out"] = any(kinds.get(l) in KINDS and KINDS[kinds[l]].peft_fan_in_fan_out for l in layers)
     cfg["modules_to_save"] = sorted(rec.modules_to_save) or None
