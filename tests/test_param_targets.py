@@ -82,6 +82,26 @@ def test_moe_import_matches_peft_merged_and_unmerged(name, moe_case):
     assert base.get_experts_implementation() == before   # traced with batched_mm, the model's setting restored
 
 
+def test_mixtral_all_linear_checkpoint_imports(tmp_path):
+    """peft turns `all-linear` on a transformers-5 Mixtral into target_parameters (the fused expert stacks and the
+    router), with rank and alpha doubled for gate_up_proj (w1 and w3 fused); such a checkpoint imports as saved."""
+    import transformers as T
+    from conftest import VOCAB
+    torch.manual_seed(0)
+    base = T.MixtralForCausalLM(T.MixtralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=8,
+                                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                                num_local_experts=4, num_experts_per_tok=2, use_cache=False)).eval()
+    pm = _peft_checkpoint(base, lora(r=2, lora_alpha=4, target_modules="all-linear"), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "gate_up_proj" in cfg["target_parameters"] and cfg["rank_pattern"]
+    x = inputs_for("llama")
+    ref = run_logits(pm, x)
+    spec = f'adapter default: import "{tmp_path}"'
+    assert max_diff(run_logits(peftc.compile(spec, base), x), ref) <= TOL
+    merged_ref = run_logits(copy.deepcopy(pm).merge_and_unload(), x)
+    assert max_diff(run_logits(peftc.compile(spec, base, merge=True), x), merged_ref) <= TOL
+
+
 def test_moe_onnx_merged_and_unmerged(moe_case, tmp_path):
     base, pm, d = moe_case("olmoe")
     x = inputs_for("olmoe")
