@@ -111,6 +111,16 @@ def test_moe_onnx_merged_and_unmerged(moe_case, tmp_path):
         assert _onnx_vs(gm, ref, x, tmp_path / f"m{merge}.onnx") <= 1e-4
 
 
+def test_moe_peftc_import_writes_a_spec_that_compiles(moe_case, tmp_path):
+    from peftc.importer import import_spec
+    base, pm, d = moe_case("olmoe")
+    out = tmp_path / "moe.peft"
+    imported = import_spec([str(d)], out)
+    assert "target_parameters=" in imported.text
+    x = inputs_for("olmoe")
+    assert max_diff(run_logits(peftc.compile(str(out), base), x), run_logits(pm, x)) <= TOL
+
+
 def test_moe_checkpoint_keys_and_config_as_peft(moe_case, tmp_path):
     """Several parameters of one module: peft nests one wrapper per parameter (the first declared innermost)."""
     base, pm, d = moe_case("olmoe")
