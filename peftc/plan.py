@@ -570,7 +570,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
         # every layer's program first (its `require`s checked), then the adapter's shared tensors, then each
         # layer's own tensors (which may read the shared ones)
         programs = [(lname, *_instantiate_layer(ad, method, options, lname, layers.get(lname),
-                                                named[layers[lname].module or lname],
+                                                named[lname if lname not in layers else layers[lname].module or lname],
                                                 {**agg_dims, "training": train, "loading": ckpt is not None},
                                                 ckpt, merge, spec, saved_names.get(lname)))
                     for lname in matched]
