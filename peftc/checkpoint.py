@@ -171,8 +171,7 @@ def _rules(value: Any, span: Span) -> list[TargetRule]:
 
 
 # config keys whose non-default value peftc cannot honour (value -> default)
-_UNSUPPORTED_LORA = {"layer_replication": None, "alora_invocation_tokens": None, "use_qalora": False,
-                     "target_parameters": None, "megatron_config": None,
+_UNSUPPORTED_LORA = {"alora_invocation_tokens": None, "use_qalora": False, "megatron_config": None,
                      "use_bdlora": None, "arrow_config": None}
 
 
@@ -208,7 +207,14 @@ def adapter_from_config(name: str, directory: str | Path, config: dict[str, Any]
             continue
         ad.options[decl.name] = value
     ad.targets = _rules(config.get("target_modules"), cspan)
-    if not ad.targets:
+    ad.parameters = [TargetRule("name", str(v), cspan) for v in config.get("target_parameters") or []]
+    lr = config.get("layer_replication")
+    if lr:
+        if not (isinstance(lr, list) and all(isinstance(r, (list, tuple)) and len(r) == 2
+                                             and all(isinstance(i, int) for i in r) for r in lr)):
+            raise PeftcError(f"{cfg_file}: layer_replication = {lr!r} is not a list of [start, end] pairs")
+        ad.replicate = [(int(a), int(b)) for a, b in lr]
+    if not ad.targets and not ad.parameters:
         raise PeftcError(f"{cfg_file}: target_modules is empty; nothing to adapt")
     ad.exclude = _rules(config.get("exclude_modules"), cspan)
     ltt = config.get("layers_to_transform")

@@ -484,6 +484,8 @@ def _run(args: argparse.Namespace) -> int:
         check_spec(spec)
         with step("Loading model"):
             loaded = load_model(args.model, args.example_input)
+            from peftc.replicate import with_replication
+            loaded.module = with_replication(spec, loaded.module)
         with step("Planning adapters"):
             plan = build_plan(spec, loaded.module)
         _warnings(plan)

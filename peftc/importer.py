@@ -84,8 +84,8 @@ def import_spec(dirs: list[str], out: str | Path, merge: bool = False) -> Import
         name = _unique(proposed, taken)
         names.append(name)
         rel = os.path.relpath(p.resolve(), out.resolve().parent)
-        summary = {k: _short(cfg.get(k)) for k in ("r", "lora_alpha", "target_modules", "feedforward_modules")
-                   if cfg.get(k)}
+        summary = {k: _short(cfg.get(k)) for k in ("r", "lora_alpha", "target_modules", "feedforward_modules",
+                                                   "target_parameters", "layer_replication") if cfg.get(k)}
         lines.append(f"# {method.name}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
         body = " { merge }" if merge else ""
         lines.append(f"adapter {name}: import {json.dumps(rel)}{body}")

@@ -32,18 +32,27 @@ class LayerKind:
     # child modules adapted together with this layer, whose weights the layer's own code reads (nn.MultiheadAttention
     # reads out_proj.weight itself): (child name, its checkpoint path relative to the layer, as peft nests it)
     parts: tuple[tuple[str, str], ...] = ()
+    more: tuple[str, ...] = ()   # further dims a method sees (`experts` of a stacked parameter)
+    fan_in_fan_out: bool | None = None  # peft's flag for this kind (None: the same as `transposed`)
+    parameter: bool = False      # a bare nn.Parameter (peft's target_parameters), not a module
+    groups_arg: int | None = None  # the op's `groups` argument index (grouped convolutions)
 
     @property
     def dim_names(self) -> tuple[str, ...]:
         """Every dim a method file sees at a layer of this kind."""
-        return ("in", "out", "groups", "has_bias", *self.kernel, "part")   # part: adapted as part of another layer
+        # part: adapted as part of another layer
+        return ("in", "out", "groups", "has_bias", *self.kernel, *self.more, "part")
+
+    @property
+    def peft_fan_in_fan_out(self) -> bool:
+        return self.transposed if self.fan_in_fan_out is None else self.fan_in_fan_out
 
 
 def _conv(name: str, cls: type[nn.Module], op: Any, kernel: tuple[str, ...]) -> LayerKind:
     """An nn.ConvNd kind: dims in/out/groups and one per kernel axis."""
     def dims(m: nn.Module) -> dict[str, Any]:
         return {"in": m.in_channels, "out": m.out_channels, "groups": m.groups, **dict(zip(kernel, m.kernel_size))}
-    return LayerKind(name, lambda m: isinstance(m, cls), dims, op, 1, 2, kernel=kernel)
+    return LayerKind(name, lambda m: isinstance(m, cls), dims, op, 1, 2, kernel=kernel, groups_arg=6)
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
@@ -61,6 +70,12 @@ KINDS: dict[str, LayerKind] = {k.name: k for k in [
     _conv("conv3d", nn.Conv3d, aten.conv3d.default, ("kd", "kh", "kw")),
     LayerKind("embedding", lambda m: isinstance(m, nn.Embedding),
               lambda m: {"in": m.num_embeddings, "out": m.embedding_dim}, aten.embedding.default, 0, None),
+    # A bare nn.Parameter (peft's `target_parameters`): 2-d (out, in), or 3-d stacked experts (experts, out, in)
+    # as Mixtral / OLMoE / Qwen3-MoE keep them; `parameter_t` is a stack kept as (experts, in, out) (gpt-oss,
+    # whose experts module says `is_transposed`). Whatever op reads it reads the adapted tensor instead.
+    LayerKind("parameter", lambda m: False, lambda m: {}, None, 0, None, more=("experts",), parameter=True),
+    LayerKind("parameter_t", lambda m: False, lambda m: {}, None, 0, None, transposed=True, more=("experts",),
+              fan_in_fan_out=False, parameter=True),
 ]}
 
 
@@ -98,8 +113,22 @@ def kind_of(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def parameter_kind(param: torch.Tensor, owner: nn.Module) -> tuple[LayerKind, dict[str, Any]] | None:
+    """The kind and dims of a bare parameter an adapter may target (peft's ParamWrapper takes 2-d and 3-d
+    ones), or None: 2-d (out, in); 3-d (experts, out, in), or (experts, in, out) when its module says
+    `is_transposed` (transformers' experts modules)."""
+    if not param.is_floating_point() or param.dim() not in (2, 3):
+        return None
+    if param.dim() == 2:
+        return KINDS["parameter"], {"in": param.shape[1], "out": param.shape[0], "experts": 1}
+    experts, d1, d2 = param.shape
+    if getattr(owner, "is_transposed", False):
+        return KINDS["parameter_t"], {"in": d1, "out": d2, "experts": experts}
+    return KINDS["parameter"], {"in": d2, "out": d1, "experts": experts}
+
+
 def weight_readers() -> dict[Any, int]:
     """op -> index of the weight argument, for every registered kind's op (and matmul forms of linear)."""
-    out = {k.op: k.weight_arg for k in KINDS.values()}
+    out = {k.op: k.weight_arg for k in KINDS.values() if k.op is not None}
     out.update({aten.mm.default: 1, aten.matmul.default: 1})
     return out

@@ -34,6 +34,8 @@ class AdapterRecord:
     keys: dict[str, str] = field(default_factory=dict)        # layer -> its checkpoint path, where not its name
     parts: set[str] = field(default_factory=set)              # layers adapted as parts of another (not targets)
     tied: dict[str, list[str]] = field(default_factory=dict)  # layer -> tied modules peft saves a copy under
+    saved_names: dict[str, str] = field(default_factory=dict)  # layer -> peft's module name for its tensors
+    replicate: list[tuple[int, int]] | None = None  # the model's layer replication (peft's layer_replication)
 
 
 @dataclass
@@ -51,7 +53,8 @@ def adapter_record(name: str, ap: AdapterPlan) -> AdapterRecord:
     rec = AdapterRecord(name, ap.method.name, dict(ap.options), {}, {}, merged=ap.merge, active=ap.active,
                         extra_config={k: v for k, v in ap.spec.extra_config.items() if not k.startswith("__")},
                         extra_tensors={**ap.base_weights, **{key: t for key, t in ap.biases.values()}},
-                        tied={l: list(t) for l, t in ap.tied.items()})
+                        tied={l: list(t) for l, t in ap.tied.items()}, saved_names=dict(ap.saved_names),
+                        replicate=ap.replicate)
     rec.unsavable = unsavable(name, ap)
     for decl in ap.shared_decls:
         if decl.saved is not None:

@@ -27,6 +27,37 @@ def conv_lowrank(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
 
 
+def expert_lowrank(b: torch.Tensor, a: torch.Tensor, experts: int) -> torch.Tensor:
+    """Per-expert low-rank updates from peft's stacked factors, as (experts, out, in): a (r*E, in) holds expert
+    e's rows at [e*r, (e+1)*r); b (out, r*E) holds expert e's columns interleaved, at j*E + e (peft's layout)."""
+    a3 = a.reshape(experts, -1, a.shape[-1])                        # (E, r, in)
+    b3 = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)        # (E, out, r)
+    return torch.bmm(b3, a3)
+
+
+def ungroup(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv kernel (out, in/g, *k) as the ungrouped kernel (out, in, *k) that computes the same
+    (block-diagonal over the groups, zeros elsewhere)."""
+    out, in_g, *k = w.shape
+    blocks = w.reshape(groups, out // groups, 1, in_g, *k)
+    eye = torch.eye(groups, dtype=w.dtype, device=w.device).reshape(groups, 1, groups, 1, *([1] * len(k)))
+    return (blocks * eye).reshape(out, groups * in_g, *k)
+
+
+def grouped_lowrank(b: torch.Tensor, a: torch.Tensor, groups: int) -> torch.Tensor:
+    """The ungrouped kernel of conv_g(conv(x, a), b) with b a grouped 1x1 conv: b (out, r/g, 1..) and a
+    (r, in, *k) -> (out, in, *k); output o reads the r/g channels of a in its group."""
+    out, r = b.shape[0], a.shape[0]
+    d = torch.bmm(b.reshape(groups, out // groups, r // groups), a.reshape(groups, r // groups, -1))
+    return d.reshape(out, *a.shape[1:])
+
+
+def grouped_pointwise(y: torch.Tensor, b: torch.Tensor, groups: int) -> torch.Tensor:
+    """A 1x1 (1, 1x1x1) convolution of y by b in `groups` groups."""
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[b.dim()]
+    return conv(y, b, None, 1, 0, 1, groups)
+
+
 def col_norm(v: torch.Tensor) -> torch.Tensor:
     """L2 norm of each column of a 2-d weight (over the first dim): DoRA on an embedding table."""
     return torch.linalg.vector_norm(v, 2, dim=0)
@@ -361,6 +392,10 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("scale_rows", scale_rows),
     Op("channels", channels),
     Op("conv_lowrank", conv_lowrank),
+    Op("expert_lowrank", expert_lowrank),
+    Op("ungroup", ungroup),
+    Op("grouped_lowrank", grouped_lowrank),
+    Op("grouped_pointwise", grouped_pointwise),
     Op("vec", vec),
     Op("dropin", dropin),
     Op("dropout", None, module_call=True),

@@ -28,6 +28,7 @@ from peftc.models import LoadedModel, load_model
 from peftc.optional_inputs import add_optional_inputs
 from peftc.plan import Plan, build_plan, resolve_adapter
 from peftc.progress import step
+from peftc.replicate import with_replication
 from peftc.rewrite.eliminate_common_subexpressions import eliminate_common_subexpressions
 from peftc.rewrite.eliminate_dead_code import eliminate_dead_code
 from peftc.rewrite.explain import dense_layers, describe
@@ -123,6 +124,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         sp = selectable_spec(sp, merge)
     with step("Loading model"):
         loaded = load_model(model, example_inputs)
+        loaded.module = with_replication(sp, loaded.module)   # peft's layer_replication: a view, weights shared
     with step("Planning adapters"):
         plan = build_plan(sp, loaded.module, merge_all=merge, train=train, seed=seed)
     selectable = list(sp.adapters) if adapter_ids else None

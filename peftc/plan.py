@@ -56,6 +56,7 @@ from peftc.targeting import (
     layers_of,
     option_targets_hit,
     output_layer_names,
+    parameter_layers,
     pattern_value,
 )
 
@@ -88,6 +89,8 @@ class AdapterPlan:
     shared_decls: list[ParamDecl] = field(default_factory=list)
     biases: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)  # base bias FQN -> (key, trained copy)
     tied: dict[str, list[str]] = field(default_factory=dict)  # layer -> modules tied to its weight that follow it
+    saved_names: dict[str, str] = field(default_factory=dict)  # layer -> peft's module name in the checkpoint
+    replicate: list[tuple[int, int]] | None = None  # the layer replication of the model it is on (peftc.replicate)
 
 
 @dataclass
@@ -162,7 +165,7 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
             raise _err(f"unknown method '{ad.method}'{did_you_mean(ad.method, lib.methods)}; "
                        f"known methods: {', '.join(sorted(lib.methods))}", ad.option_spans.get("method"), spec)
         _check_clauses(ad, method, spec)
-        if not ad.targets and not method.default_targets:
+        if not ad.targets and not ad.parameters and not method.default_targets:
             raise _err(f"adapter '{ad.name}' has no targets: add e.g. `targets q_proj, v_proj` "
                        "or `targets all-linear`", ad.span, spec)
     options: dict[str, Any] = {}
@@ -207,7 +210,8 @@ def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterS
     return ad, method, options
 
 
-CLAUSES = ("targets", "exclude", "layers", "save", "weights", "merge")   # grammar/spec.lark's clause keywords
+# grammar/spec.lark's clause keywords
+CLAUSES = ("targets", "exclude", "layers", "save", "weights", "merge", "parameters", "replicate")
 
 
 def _check_clauses(ad: AdapterSpec, method: MethodDef | None, spec: Spec) -> None:
@@ -241,6 +245,10 @@ def _only_merge_and_exclude(ad: AdapterSpec, spec: Spec) -> None:
         extra.append(("save", ad.span))
     if ad.weights is not None:
         extra.append(("weights", ad.option_spans.get("weights")))
+    if ad.parameters:
+        extra.append(("parameters", ad.option_spans.get("parameters")))
+    if ad.replicate is not None:
+        extra.append(("replicate", ad.option_spans.get("replicate")))
     if extra:
         clause, span = extra[0]
         raise _err(f"adapter '{ad.name}' is imported whole from its PEFT checkpoint: its block takes only "
@@ -427,7 +435,7 @@ def _shared_tensors(method: MethodDef, options: dict[str, Any], layers: list[Lay
 
 def _instantiate_layer(ad: AdapterSpec, method: MethodDef, options: dict[str, Any], lname: str, layer: Layer | None,
                        module: nn.Module, extra_dims: dict[str, Any], ckpt: CheckpointTensors | None, merge: bool,
-                       spec: Spec) -> tuple[SiteProgram, dict[str, Any]]:
+                       spec: Spec, saved_as: str | None = None) -> tuple[SiteProgram, dict[str, Any]]:
     """The method's program at one layer, with the option values that hold there (per-layer patterns,
     targets-typed options); a failed `require` or an unmergeable `merge` is an error at the spec."""
     name = ad.name
@@ -450,7 +458,7 @@ def _instantiate_layer(ad: AdapterSpec, method: MethodDef, options: dict[str, An
             lopts[decl.name] = False
     try:
         prog = instantiate(method, kind, lopts, {**layer.dims, **extra_dims},
-                           _checkpoint_shapes(ckpt, f"{PREFIX}{layer.key or lname}."))
+                           _checkpoint_shapes(ckpt, f"{PREFIX}{layer.key or saved_as or lname}."))
     except RequireFailed as e:
         opts = [n for n in e.names if n in ad.option_spans]
         about_layer = bool(e.names & set(layer.dims))
@@ -517,6 +525,40 @@ def _companion_sites(plan: Plan, ad: AdapterSpec, method: MethodDef, options: di
                 SiteAdapter(ad.name, comp, prog, tensors, copts, merge, active, consts))
 
 
+def parameter_saved_names(params: dict[str, Layer]) -> dict[str, str]:
+    """Where peft keeps a targeted parameter's tensors: under its module, and when an adapter targets several
+    parameters of one module, peft nests one wrapper per parameter (the first declared innermost), so the
+    earlier ones sit one `.base_layer` deeper each."""
+    by_module: dict[str, list[str]] = {}
+    for name, layer in params.items():   # in the module's declaration order
+        by_module.setdefault(layer.module, []).append(name)
+    return {name: module + ".base_layer" * (len(names) - 1 - i)
+            for module, names in by_module.items() for i, name in enumerate(names)}
+
+
+def _check_parameter_targets(ad: AdapterSpec, hits: dict[str, Layer], modules: list[str], model: nn.Module,
+                             spec: Spec) -> None:
+    """Each `parameters` name must select a 2-d or 3-d parameter, on a module no `targets` adapts (as peft)."""
+    for rule in ad.parameters:
+        if any(k == rule.value or k.endswith("." + rule.value) for k in hits):
+            continue
+        names = [n for n, _ in model.named_parameters()]
+        found = [n for n in names if n == rule.value or n.endswith("." + rule.value)]
+        if found:
+            shape = list(dict(model.named_parameters())[found[0]].shape)
+            msg = (f"adapter '{ad.name}': parameter '{found[0]}' has shape {shape}; only 2-d and 3-d floating "
+                   "point parameters (on a submodule) can be adapted")
+        else:
+            leaves = sorted({".".join(n.split(".")[-2:]) for n in names if n.count(".") >= 1})
+            msg = (f"adapter '{ad.name}': parameters {rule.value} match no parameter of the model"
+                   f"{did_you_mean(rule.value, leaves)}")
+        raise _err(msg, rule.span, spec)
+    clash = sorted({layer.module for layer in hits.values()} & set(modules))
+    if clash:
+        raise _err(f"adapter '{ad.name}': module '{clash[0]}' is both a target and the owner of a targeted "
+                   "parameter; target one or the other (as peft requires)", ad.parameters[0].span, spec)
+
+
 def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: bool = False,
                seed: int = 0, lib: Library | None = None) -> Plan:
     lib = lib or library().checked()
@@ -532,6 +574,8 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                        f"declared: {', '.join(spec.adapters) or 'none'}",
                        spec.active_spans.get(a), spec)
     plan = Plan(layers, {}, {}, train)
+    from peftc.replicate import replication_of
+    replicated = replication_of(spec, lib)
     for idx, (name, raw) in enumerate(spec.adapters.items()):
         ad, method, options = resolve_adapter(raw, spec, lib)
         if not ad.targets and method.default_targets:
@@ -569,6 +613,11 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                 have = f" (layer indices {_ranges(found)})" if found else ""
                 raise _err(f"adapter '{name}': `layers {', '.join(map(str, ad.layers))}` selects none of the "
                            f"{len(hits)} layers its targets match{have}", ad.option_spans.get("layers"), spec)
+        params_hit = parameter_layers(model, ad.parameters)
+        _check_parameter_targets(ad, params_hit, matched, model, spec)
+        layers.update(params_hit)
+        saved_names = parameter_saved_names(params_hit)
+        matched += list(params_hit)
         if not matched:
             where = ad.targets[0].span if ad.targets and ad.targets[0].span else ad.span
             desc = ", ".join(r.value if r.kind != "regex" else f"/{r.value}/" for r in ad.targets)
@@ -600,19 +649,20 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
         agg_dims = aggregate_dims(targeted)
         # every layer's program first (its `require`s checked), then the adapter's shared tensors, then each
         # layer's own tensors (which may read the shared ones)
-        programs = [(lname, *_instantiate_layer(ad, method, options, lname, layers.get(lname), named[lname],
+        programs = [(lname, *_instantiate_layer(ad, method, options, lname, layers.get(lname),
+                                                named[lname if lname not in layers else layers[lname].module or lname],
                                                 {**agg_dims, "training": train, "loading": ckpt is not None},
-                                                ckpt, merge, spec))
+                                                ckpt, merge, spec, saved_names.get(lname)))
                     for lname in matched]
         shared_decls, shared = _shared_tensors(method, options, targeted, agg_dims, ckpt, gen, name)
         _companion_sites(plan, ad, method, options, model, layers, ckpt, gen, merge, is_active, spec, lib, matched)
         for lname, prog, lopts in programs:
             layer = layers[lname]
             weight = params[layer.weight]
-            w_lin = weight.t() if KINDS[layer.kind].transposed else weight
+            w_lin = weight.transpose(-2, -1) if KINDS[layer.kind].transposed else weight
             bias = params.get(layer.bias) if layer.bias else None
             pdtype = _param_dtype(layer.dtype)
-            load = _checkpoint_loader(ckpt, f"{PREFIX}{layer.key or lname}.", pdtype,
+            load = _checkpoint_loader(ckpt, f"{PREFIX}{layer.key or saved_names.get(lname, lname)}.", pdtype,
                                       f"adapter '{name}', {method.name} on '{lname}'")
             env = {**prog.env, **shared, "W": w_lin.detach().to(pdtype),
                    "b": bias.detach().to(pdtype) if bias is not None else None}
@@ -627,7 +677,8 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                             f"none of its {len(matched)} targeted layers, so it changes nothing", pp.span))
         ap = AdapterPlan(ad, method, options, matched, merge=merge, active=is_active,
                          source="import" if from_cfg else ("weights" if ad.weights else "fresh"),
-                         shared=shared, shared_decls=shared_decls)
+                         shared=shared, shared_decls=shared_decls, saved_names=saved_names,
+                         replicate=replicated if "layer_replication" in method.config_fields else None)
         if method.tied_follow:
             ap.tied = {l: t for l in matched if (t := tied_modules(model, layers[l]))}
         heads = [n for n in module_names if ckpt is not None and ckpt.has_unused_under(f"{PREFIX}{n}.")

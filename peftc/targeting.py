@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftc.layer_kinds import kind_of
+from peftc.layer_kinds import kind_of, parameter_kind
 from peftc.spec.model import AdapterSpec, TargetRule
 
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -37,6 +37,7 @@ class Layer:
     reader: str | None = None  # the module whose code reads the weight, when not this one (an MHA's out_proj)
     key: str | None = None     # the layer's path in a PEFT checkpoint, when not its name (peft nests parts)
     part_of: str | None = None # the targeted layer this one is adapted with (not a target itself)
+    module: str = ""          # the module whose ops read the weight, when it is not `name` (a bare parameter)
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -58,6 +59,29 @@ def layers_of(model: nn.Module) -> dict[str, Layer]:
         dims["part"] = False
         out[name] = Layer(name, kind.name, type(mod).__name__, f"{name}.{kind.weight_name}",
                           f"{name}.{kind.bias_name}" if has_bias else None, dims, tuple(w.shape), w.dtype)
+    return out
+
+
+def parameter_layers(model: nn.Module, rules: list[TargetRule]) -> dict[str, Layer]:
+    """The bare parameters `rules` (peft's target_parameters) select, as layers named by the parameter's full
+    name: a name matches `<module>.<param>` exactly or as a dot-suffix (peft has no regex here). Parameters
+    of the top-level module cannot be targeted (peft refuses them too)."""
+    out: dict[str, Layer] = {}
+    if not rules:
+        return out
+    for mname, mod in model.named_modules():
+        if not mname:
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            key = f"{mname}.{pname}"
+            if not any(_name_hit(r.value, key) for r in rules):
+                continue
+            found = parameter_kind(p, mod)
+            if found is None:
+                continue
+            kind, dims = found
+            out[key] = Layer(key, kind.name, type(mod).__name__, key, None, {**dims, "groups": 1, "has_bias": False},
+                             tuple(p.shape), p.dtype, module=mname)
     return out
 
 

@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.export import Dim
 
 from peftc.errors import PeftcError
+from peftc.experts import exportable_experts
 
 # the HF forward keywords set at trace time (when the forward takes them): no cache, named outputs
 TRACE_KWARGS = {"use_cache": False, "return_dict": True}
@@ -138,8 +139,9 @@ def export_program(module: nn.Module, inputs: dict[str, torch.Tensor],
     """`extra`: inputs that become graph inputs without being passed to the model (for the passes to use)."""
     wrapped = _Plain(module, trace_kwargs(module), list(inputs), extra)
     try:
-        return torch.export.export(wrapped, (), kwargs=dict(inputs), dynamic_shapes=dynamic_shapes_for(inputs, axes),
-                                   strict=False)
+        with exportable_experts(module):   # MoE experts as plain ATen ops (see peftc/experts.py)
+            return torch.export.export(wrapped, (), kwargs=dict(inputs),
+                                       dynamic_shapes=dynamic_shapes_for(inputs, axes), strict=False)
     except PeftcError:
         raise
     except Exception as e:  # noqa: BLE001 - torch.export raises many kinds

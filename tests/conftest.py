@@ -112,8 +112,28 @@ def mha_net() -> nn.Module:
     return MhaNet().eval()
 
 
+def olmoe() -> nn.Module:
+    """A tiny OLMoE: experts stacked as 3-d nn.Parameters (experts, out, in)."""
+    import transformers as T
+    torch.manual_seed(0)
+    return T.OlmoeForCausalLM(T.OlmoeConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=8, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=2, num_experts=4,
+                                            num_experts_per_tok=2, use_cache=False, eos_token_id=0,
+                                            pad_token_id=1)).eval()
+
+
+def gpt_oss() -> nn.Module:
+    """A tiny gpt-oss: experts stacked transposed (experts, in, out), with biases."""
+    import transformers as T
+    torch.manual_seed(0)
+    return T.GptOssForCausalLM(T.GptOssConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=8,
+                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                              head_dim=8, num_local_experts=4, num_experts_per_tok=2, use_cache=False,
+                                              layer_types=["full_attention"] * 2)).eval()
+
+
 MODELS = {"llama": llama, "gpt2": gpt2, "bert-cls": bert_cls, "convnet": convnet, "token-mlp": token_mlp,
-          "mha": mha_net}
+          "mha": mha_net, "olmoe": olmoe, "gpt-oss": gpt_oss}
 
 
 def inputs_for(name: str, batch: int = 3, seq: int = 19, seed: int = 7) -> dict[str, torch.Tensor]:

@@ -44,12 +44,17 @@ def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str
                                      if rec.layer_options.get(l, {}).get(decl.name, value) != value}
     for key, entries in rec.records.items():   # per-layer entries a method records (AdaLoRA's rank_pattern)
         cfg[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(entries.items())}
-    cfg["target_modules"] = layers
+    kinds = layer_kinds or {}
+    params = [l for l in layers if kinds.get(l) in KINDS and KINDS[kinds[l]].parameter]
+    cfg["target_modules"] = [l for l in layers if l not in params]
+    if params:   # bare nn.Parameters (stacked MoE experts): peft's target_parameters
+        cfg["target_parameters"] = params
     if "bias" in method.config_fields:
         cfg.setdefault("bias", "none")
-    kinds = layer_kinds or {}
+    if "layer_replication" in method.config_fields:
+        cfg["layer_replication"] = [list(r) for r in rec.replicate] if rec.replicate else None
     if "fan_in_fan_out" in method.config_fields:
-        cfg["fan_in_fan_out"] = any(kinds.get(l) in KINDS and KINDS[kinds[l]].transposed for l in layers)
+        cfg["fan_in_fan_out"] = any(kinds.get(l) in KINDS and KINDS[kinds[l]].peft_fan_in_fan_out for l in layers)
     if "modules_to_save" not in method.config_omits:
         cfg["modules_to_save"] = sorted(rec.modules_to_save) or None
     cfg["inference_mode"] = True
@@ -63,7 +68,7 @@ def adapter_tensors(rec: AdapterRecord) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for layer, tensors in rec.tensors.items():
         for saved, t in tensors.items():
-            out[f"{PREFIX}{rec.keys.get(layer, layer)}.{saved}"] = t.detach()
+            out[f"{PREFIX}{rec.keys.get(layer) or rec.saved_names.get(layer, layer)}.{saved}"] = t.detach()
             for other in rec.tied.get(layer, []):   # peft saves the tied module's copy too
                 out[f"{PREFIX}{other}.{saved}"] = t.detach().clone()
     for mod, params in rec.modules_to_save.items():

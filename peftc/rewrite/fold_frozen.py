@@ -8,6 +8,7 @@ error naming the layer. Live (trainable, unmerged) adapter tensors are never fol
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from peftc.errors import PeftcError
 from peftc.manifest import Manifest
 from peftc.ops import cast, dropin
-from peftc.rewrite.graph_tools import BASE, TAG, constant_evaluator, get_path, set_path
+from peftc.rewrite.graph_tools import BASE, TAG, constant_evaluator, get_path, has_path, set_path
 
 _PASS_THROUGH = {cast}
 
@@ -51,6 +52,10 @@ def fold_frozen(manifest: Manifest) -> Any:
         value = constant_evaluator(gm, leaf=lambda t: t.to(_compute_dtype(t)), pass_through=_PASS_THROUGH)
 
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        # a base tensor several folded roots start from (layers that share weights: peft's layer_replication)
+        # keeps its value: each root gets a folded tensor of its own
+        shared = Counter(id(get_path(gm, r.meta[BASE])) for r in roots if r.meta.get(BASE) is not None
+                         and has_path(gm, r.meta[BASE]))
         folded = 0
         with torch.no_grad():
             for root in sorted(roots, key=order.get):
@@ -65,7 +70,8 @@ def fold_frozen(manifest: Manifest) -> Any:
                 new_value = v.to(dtype)
                 base = root.meta.get(BASE)
                 path = None
-                if base is not None and _only_reader(gm, base, const):
+                if base is not None and has_path(gm, base) and shared[id(get_path(gm, base))] == 1 \
+                        and _only_reader(gm, base, const):
                     path = base
                     set_path(gm, path, nn.Parameter(new_value, requires_grad=False))
                 else:

@@ -93,7 +93,8 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
                 rec = manifest.adapters[sa.adapter]
                 live = sa.active and not sa.merge
                 for decl in sa.program.params:
-                    path = param_path(lname, decl.saved, sa.adapter, decl.name)
+                    home = plan.adapters[sa.adapter].saved_names.get(lname, lname)   # a parameter: its module's
+                    path = param_path(home, decl.saved, sa.adapter, decl.name)
                     _register(gm, manifest, path, sa.tensors[decl.name], live, decl.frozen)
                     paths[(sa.adapter, decl.name)] = path
                 add_layer(rec, lname, sa, {d.name: get_path(gm, paths[(sa.adapter, d.name)])
@@ -179,9 +180,10 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
     """Replace the layer's weight (and bias) wherever the layer's own ops read them by W' = T(W, theta)."""
     if not sas:
         return False
-    reader = None if any(sa.method.tied_follow for sa in sas) else (layer.reader or layer.name)
+    owner = layer.reader or layer.module or layer.name   # an MHA's out_proj: the MHA; a bare parameter: its module
+    reader = None if any(sa.method.tied_follow for sa in sas) else owner
     wnode, w_reads = _consumers(gm, layer.weight, reader)
-    bnode, b_reads = _consumers(gm, layer.bias, layer.reader or layer.name)
+    bnode, b_reads = _consumers(gm, layer.bias, owner)
     if not w_reads:
         raise NotAdaptable(why_not_read(gm, layer))
     w_users = [u for u, _ in w_reads]
@@ -189,7 +191,7 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
     anchor = min(w_users + [u for u, _ in b_reads], key=order.get)
     b = GraphBuilder(gm, anchor, layer.name, meta_from=min(w_users, key=order.get))
     transposed = KINDS[layer.kind].transposed   # methods see W in nn.Linear orientation (out, in)
-    w_cur: Any = b.apply(TENSOR_OPS["t"], aten.t.default, [wnode]) if transposed else wnode
+    w_cur: Any = _orient(b, wnode, layer) if transposed else wnode
     b_cur: Any = bnode
     # Adapters compose in order, merged ones first: W'' = T2(T1(W)). Methods see the current weight as
     # W and the base weight as W0: DoRA normalises by ||W0 + s*B@A||, as peft does when several adapters
@@ -226,11 +228,12 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
             w_new = b.apply(TENSOR_OPS["add"], aten.add.Tensor, [w_cur, delta])
         w_cur, b_cur = w_new, b_new
     b.adapters = ()
-    w_out = b.apply(TENSOR_OPS["t"], aten.t.default, [w_cur]) if transposed else w_cur
+    w_out = _orient(b, w_cur, layer) if transposed else w_cur
     if w_out is not wnode:
         w_out.meta[BASE] = layer.weight
         for u, read in w_reads:
             u.replace_input_with(read, w_out)
+        _ungroup_if_widened(layer, w_users, w_out)
     if b_cur is not bnode and b_cur is not None:
         if bnode is not None:
             b_cur.meta[BASE] = layer.bias
@@ -242,6 +245,30 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
         u.meta[TAG] = layer.name
         u.meta[ADAPTER] = tuple(sa.adapter for sa in sas)
     return True
+
+
+def _ungroup_if_widened(layer: Any, users: list[fx.Node], w_out: fx.Node) -> None:
+    """A method may widen a grouped conv kernel (out, in/g, ..) to an ungrouped one (out, in, ..) that computes
+    the same plus an update that mixes groups (LoRA's full-width A): the layer's op then runs ungrouped."""
+    kind = KINDS[layer.kind]
+    val = w_out.meta.get("peftc_val")
+    if kind.groups_arg is None or layer.dims.get("groups", 1) == 1 or val is None:
+        return
+    if val.dim() < 2 or val.shape[1] != layer.dims["in"] or layer.shape[1] == layer.dims["in"]:
+        return
+    for u in users:
+        if u.target is not kind.op:
+            raise PeftcError(f"cannot ungroup layer '{layer.name}': it computes {u.target} rather than {kind.op}")
+        args = normalized_args(u, TENSOR_OPS[layer.kind])
+        args[kind.groups_arg] = 1
+        u.args = tuple(args)
+
+
+def _orient(b: GraphBuilder, w: Any, layer: Any) -> Any:
+    """Swap a stored-transposed weight to (out, in) and back: t() for a matrix, the last two dims of a stack."""
+    if len(layer.shape) == 3:
+        return b.apply(TENSOR_OPS["transpose"], aten.transpose.int, [w, -2, -1])
+    return b.apply(TENSOR_OPS["t"], aten.t.default, [w])
 
 
 def _add_bias(layer: Any, users: list[fx.Node], bias: fx.Node) -> None:

@@ -60,6 +60,8 @@ class AdapterSpec:
     delta_scale: float | None = None           # W' = W + delta_scale * delta (an `exact` combination's term)
     seed_index: int | None = None              # which adapter's seed fresh tensors are drawn with (its position)
     preloaded: tuple[dict[str, Any], dict[str, Any], str] | None = None  # (config, tensors, label) in memory
+    parameters: list[TargetRule] = field(default_factory=list)   # bare nn.Parameters (peft's target_parameters)
+    replicate: list[tuple[int, int]] | None = None  # peft's layer_replication: [start, end) ranges of layers
 
 
 @dataclass

@@ -57,7 +57,7 @@ def _literal(tok: Token | Tree) -> object:
     return str(tok)
 
 
-CLAUSE_KEYWORDS = ("targets", "exclude", "layers", "save", "weights", "merge")
+CLAUSE_KEYWORDS = ("targets", "exclude", "layers", "save", "weights", "merge", "parameters", "replicate")
 _SCAN = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*|/(?:\\.|[^/\\\n])+/|[{}]|[A-Za-z_][A-Za-z0-9_\-]*|\S')
 
 
@@ -212,6 +212,13 @@ def _build(tree: Tree, text: str, file: str) -> Spec:
                 ad.option_spans["weights"] = span(cl.children[0])
             elif k == "merge":
                 ad.merge = True
+            elif k == "parameters":
+                ad.parameters += [TargetRule("name", str(c), span(c)) for c in cl.children]
+                ad.option_spans.setdefault("parameters", span(cl))
+            elif k == "replicate":
+                ad.replicate = (ad.replicate or []) + [(int(str(a)), int(str(b))) for a, b in
+                                                       (c.children for c in cl.children)]
+                ad.option_spans.setdefault("replicate", span(cl))
             elif k == "per_pattern":
                 opt_tok, tgt, val = cl.children
                 rule = target(tgt)
