@@ -9,12 +9,13 @@ from pygments.lexer import RegexLexer, bygroups, default, words
 from pygments.token import Comment, Keyword, Name, Number, Operator, Punctuation, String, Whitespace
 
 SPEC_KEYWORDS = ("adapter", "active", "import", "combine", "targets", "exclude", "layers", "save", "weights",
-                 "merge", "at", "in")
+                 "merge", "at", "in", "parameters", "replicate")
 METHOD_KEYWORDS = ("method", "rule", "prio", "param", "shared", "let", "const", "weight", "bias", "on", "when",
                    "else", "require", "dropout", "record", "peft", "config", "mergeable", "writes", "training",
                    "dense", "init", "saved", "if", "frozen", "dtype", "optional", "each_layer", "over", "rescale",
-                   "as", "pattern", "values", "where", "and", "or", "not")
-TYPES = ("int", "float", "bool", "str")
+                   "as", "pattern", "values", "where", "and", "or", "not", "search", "omits", "bias_option",
+                   "companion", "from", "tied", "follow", "default_targets", "of")
+TYPES = ("int", "float", "bool", "str", "number", "list")
 CONSTANTS = ("true", "false", "none")
 
 _STRING = r'"(?:[^"\\\n]|\\.)*"'

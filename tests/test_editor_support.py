@@ -157,3 +157,12 @@ def test_textmate_grammar_on_examples_and_passes(path, tm_grammar):
     assert first in scoped_words
     if re.search(r"(?m)^\s*targets /model", text):
         assert any(s == "string.regexp.peft" and v.startswith("/model") for s, v in pieces)
+
+
+def test_textmate_grammar_is_generated_from_the_lexer_lists():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_textmate", ROOT / "editors" / "make_textmate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert json.loads((VSCODE / "syntaxes" / "peft.tmLanguage.json").read_text()) == mod.grammar(), \
+        "run python editors/make_textmate.py"

@@ -112,7 +112,7 @@ def test_inspect_json(capsys):
     assert peftc.cli.main(["inspect", "tiny-llama", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     names = [row["name"] for row in data["layers"]]
-    assert names[0] == "model.embed_tokens" and "lm_head" in names and len(names) == 16
-    assert data["layer_kinds"] == {"embedding": 1, "linear": 15}
+    assert names[0] == "model.embed_tokens" and "lm_head" in names and len(names) == 21
+    assert data["layer_kinds"] == {"embedding": 1, "linear": 15, "norm": 5}
     assert peftc.cli.main(["inspect", "--builtins", "--json"]) == 0
     assert "tiny-llama" in [b["name"] for b in json.loads(capsys.readouterr().out)["builtins"]]

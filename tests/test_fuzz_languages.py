@@ -36,7 +36,7 @@ FUZZ = settings(max_examples=N, deadline=None, derandomize=not NIGHTLY, database
 
 # ---------------------------------------------------------------- generating specs
 KEYWORDS = {"adapter", "active", "import", "combine", "targets", "exclude", "layers", "save", "weights", "merge",
-            "at", "in", "true", "false"}
+            "at", "in", "true", "false", "parameters", "replicate"}
 names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True).filter(lambda s: s not in KEYWORDS)
 modnames = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,6}(\.[A-Za-z0-9_]{1,4}){0,2}", fullmatch=True).filter(
     lambda s: s not in KEYWORDS)
@@ -44,7 +44,8 @@ strings = st.text(alphabet=string.ascii_letters + string.digits + " ./_-\\\"'", 
     lambda s: '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"')
 numbers = st.one_of(st.integers(-1000, 10 ** 6).map(str), st.floats(-1e6, 1e6, allow_nan=False).map(repr),
                     st.sampled_from(["1e-4", "-2.5E3", "0.0", "+3"]))
-values = st.one_of(numbers, strings, st.sampled_from(["true", "false"]))
+scalars = st.one_of(numbers, strings, st.sampled_from(["true", "false"]))
+values = st.one_of(scalars, st.lists(scalars, max_size=3).map(lambda xs: "[" + ", ".join(xs) + "]"))
 regexes = st.sampled_from([r"/.*\.q_proj/", r"/model\.layers\.\d+\.(k|v)_proj/", r"/a\/b/", r"/[/"])
 targets = st.one_of(modnames, strings, regexes, st.just("all-linear"))
 blank = st.sampled_from([" ", "  ", "\t", " # note\n", "\n", "\n\n", "  # x y z\n    "])
@@ -57,7 +58,13 @@ def _join(draw, items: list[str], sep: str = ",") -> str:
 
 @st.composite
 def clauses(draw) -> str:
-    kind = draw(st.sampled_from(["targets", "exclude", "layers", "save", "weights", "merge", "at", "opt_targets"]))
+    kind = draw(st.sampled_from(["targets", "exclude", "layers", "save", "weights", "merge", "at", "opt_targets",
+                                 "parameters", "replicate"]))
+    if kind == "parameters":
+        return "parameters " + ", ".join(draw(st.lists(modnames, min_size=1, max_size=2)))
+    if kind == "replicate":
+        spans = draw(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=3))
+        return "replicate " + ", ".join(f"[{a}, {b}]" for a, b in spans)
     if kind in ("targets", "exclude"):
         return f"{kind} " + ", ".join(draw(st.lists(targets, min_size=1, max_size=3)))
     if kind == "layers":

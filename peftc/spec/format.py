@@ -68,6 +68,10 @@ def _text(node: Tree | Token | None) -> str:
         return "all-linear"
     if kind in ("number", "string", "name_target", "regex_target"):
         return str(node.children[0])
+    if kind == "list_value":
+        return "[" + ", ".join(_text(c) for c in node.children if c is not None) + "]"
+    if kind == "span":
+        return f"[{node.children[0]}, {node.children[1]}]"
     if kind == "option":
         key, value = node.children
         return f"{key} = {_text(value)}"
@@ -95,6 +99,10 @@ def _clause(node: Tree) -> str:
         return f"{kind} {', '.join(_text(c) for c in items)}"
     if kind == "modules_to_save":
         return f"save {', '.join(map(str, items))}"
+    if kind == "parameters":
+        return f"parameters {', '.join(map(str, items))}"
+    if kind == "replicate":
+        return f"replicate {', '.join(_text(c) for c in items)}"
     if kind == "weights":
         return f"weights {items[0]}"
     if kind == "layers":
