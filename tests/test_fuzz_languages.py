@@ -199,3 +199,22 @@ def test_mutated_method_files_fail_with_located_errors(case):
 @pytest.mark.parametrize("text", EXAMPLES, ids=[p.stem for p in sorted((ROOT / "examples").glob("*.peft"))])
 def test_examples_are_in_canonical_form(text):
     assert format_spec(text) == text
+
+
+@pytest.mark.parametrize("text, at", [('adapter a: lora(x = "0\\x") { targets q }', (1, 21)),
+                                      ('adapter a: import "\\N{nope}"', (1, 19))], ids=["truncated-escape", "bad-name"])
+def test_found_by_fuzzing_invalid_string_escapes(text, at):
+    """Strings that Python cannot decode were a traceback (found by the mutation test)."""
+    with pytest.raises(PeftcError, match="invalid string") as e:
+        parse_spec(text, "s.peft")
+    assert (e.value.line, e.value.column) == at
+    assert parse_spec('adapter a: lora(x = "a\x00b") { targets q }').adapters["a"].options["x"] == "a\x00b"
+
+
+def test_found_by_fuzzing_method_file_strings():
+    from peftc.lang.check import check_library_text
+    text = LIBRARY["fourierft.peft"].replace('as "n_frequency"', 'as "n\\x"')
+    with pytest.raises(PeftcError, match="invalid string") as e:
+        check_library_text(text, "fourierft.peft")
+    assert e.value.file == "fourierft.peft" and e.value.line and e.value.column
+    check_library_text(LIBRARY["fourierft.peft"].replace('as "n_frequency"', 'as "\x00n_frequency"'), "f.peft")

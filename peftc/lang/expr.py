@@ -5,11 +5,12 @@ a graph and pattern matching all see one uniform shape.
 """
 from __future__ import annotations
 
-import ast as pyast
 from dataclasses import dataclass, field
 from typing import Any
 
 from lark import Token, Tree
+
+from peftc.lang.strings import string_value
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def to_expr(node: Tree | Token | None) -> Expr | None:
         if node.type == "NAME":
             return Name(str(node), **_pos(node))
         if node.type == "STRING":
-            return Const(pyast.literal_eval(str(node)), **_pos(node))
+            return Const(string_value(str(node)), **_pos(node))
         raise ValueError(f"unexpected token {node!r}")
     kind = node.data
     pos = _pos(node)
@@ -69,7 +70,7 @@ def to_expr(node: Tree | Token | None) -> Expr | None:
         value: Any = float(text) if any(c in text for c in ".eE") else int(text)
         return Const(value, **pos)
     if kind == "string":
-        return Const(pyast.literal_eval(str(ch[0])), **pos)
+        return Const(string_value(str(ch[0])), **pos)
     if kind in ("true", "false", "none"):
         return Const({"true": True, "false": False, "none": None}[kind], **pos)
     if kind == "name":

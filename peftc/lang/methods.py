@@ -8,7 +8,6 @@ returns a SiteProgram: what to allocate and which expressions to emit.
 """
 from __future__ import annotations
 
-import ast as pyast
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from lark.exceptions import LarkError, UnexpectedInput
 
 from peftc.errors import PeftcError, did_you_mean
 from peftc.lang.expr import Call, Const, Expr, names_in, to_expr
+from peftc.lang.strings import check_strings, string_value
 from peftc.resources import grammar_text
 
 OPTION_TYPES = ("int", "float", "bool", "str", "targets", "number", "list")
@@ -145,7 +145,7 @@ def method_parser() -> Lark:
 
 
 def _string(tok: Token) -> str:
-    return pyast.literal_eval(str(tok))
+    return string_value(str(tok))
 
 
 def _const(expr: Expr, file: str) -> Any:
@@ -252,6 +252,7 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
                          file=file, line=e.line, column=e.column, source=text) from None
     except LarkError as e:
         raise PeftcError(f"syntax error: {e}", file=file) from None
+    check_strings(tree, file, text)
     methods, rules = [], []
     for item in tree.children:
         if item.data == "rule":

@@ -1,7 +1,6 @@
 """Spec text -> AdapterSpecs (syntax only; names and options are checked in spec.check)."""
 from __future__ import annotations
 
-import ast as pyast
 import difflib
 import re
 from pathlib import Path
@@ -10,6 +9,7 @@ from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from peftc.errors import PeftcError
+from peftc.lang.strings import check_strings, string_value
 from peftc.resources import grammar_text
 from peftc.spec.model import AdapterSpec, Combination, PerPattern, Span, Spec, TargetRule
 
@@ -53,7 +53,7 @@ def _literal(tok: Token | Tree) -> object:
             text = str(tok)
             return float(text) if any(c in text for c in ".eE") else int(text)
         if kind == "string":
-            return pyast.literal_eval(str(tok))
+            return string_value(str(tok))
     return str(tok)
 
 
@@ -119,6 +119,7 @@ def parse_spec(text: str, file: str = "<spec>") -> Spec:
         raise PeftcError(f"syntax error: unknown clause '{word}' (did you mean {hint}?); clauses are "
                          f"{', '.join(CLAUSE_KEYWORDS)}, and `OPTION at NAME = VALUE`", file=file, line=ln,
                          column=col, source=text) from None
+    check_strings(tree, file, text)
     return _build(tree, text, file)
 
 
@@ -155,7 +156,7 @@ def _build(tree: Tree, text: str, file: str) -> Spec:
         tok = node.children[0]
         if node.data == "regex_target":
             return TargetRule("regex", str(tok)[1:-1].replace("\\/", "/"), span(tok))
-        value = pyast.literal_eval(str(tok)) if tok.type == "STRING" else str(tok)
+        value = string_value(str(tok)) if tok.type == "STRING" else str(tok)
         return TargetRule("name", value, span(tok))
 
     spec = Spec(file, text, {})
@@ -171,7 +172,7 @@ def _build(tree: Tree, text: str, file: str) -> Spec:
                              column=name_tok.column, source=text)
         ad = AdapterSpec(name, span(name_tok))
         if source.data == "import_source":
-            ad.import_dir = pyast.literal_eval(str(source.children[0]))
+            ad.import_dir = string_value(str(source.children[0]))
             ad.option_spans["import"] = span(source.children[0])
         elif source.data == "combine_source":
             ad.combine = _combination(source, span, text, file)
@@ -208,7 +209,7 @@ def _build(tree: Tree, text: str, file: str) -> Spec:
             elif k == "modules_to_save":
                 ad.modules_to_save += [str(c) for c in cl.children]
             elif k == "weights":
-                ad.weights = pyast.literal_eval(str(cl.children[0]))
+                ad.weights = string_value(str(cl.children[0]))
                 ad.option_spans["weights"] = span(cl.children[0])
             elif k == "merge":
                 ad.merge = True
