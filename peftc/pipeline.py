@@ -100,6 +100,12 @@ def selectable_spec(sp: Spec, merge: bool) -> Spec:
                          "(a merged adapter would act on every row)")
     if not sp.adapters:
         raise PeftcError("--adapter-ids: the spec declares no adapter")
+    terms = [a for a in sp.adapters.values() if a.delta_scale is not None]
+    if terms:
+        comb = terms[0].extra_config["__combination"][0]
+        raise PeftcError(f"--adapter-ids: combination '{comb}' (type exact) runs as one adapter per term, so ids "
+                         "would not count the spec's adapters; combine imported LoRA checkpoints (one adapter), or "
+                         "drop --adapter-ids")
     return dataclasses.replace(sp, active=None)
 
 

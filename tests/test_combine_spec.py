@@ -208,3 +208,9 @@ def test_combinations_export_to_onnx(spec_line, dirs, base, tmp_path):
     gm = compile_on(spec, "llama", model=copy.deepcopy(base))
     result = peftc.export_onnx(gm, tmp_path / "m.onnx")   # checked in onnxruntime against torch
     assert result is not None and result.max_abs_diff <= 1e-4
+
+
+def test_adapter_ids_refuse_an_exact_mix_of_terms(dirs, base):
+    spec = _imports(dirs, "a", "loha") + "adapter mix: combine(0.7 * a, 0.5 * loha)\n"
+    with pytest.raises(PeftcError, match="--adapter-ids: combination 'mix'"):
+        compile_on(spec, "llama", model=copy.deepcopy(base), adapter_ids=True)
