@@ -281,6 +281,7 @@ def merge_checkpoint(spec: Spec, model_dir: str | Path, out_dir: str | Path, *, 
 
     shared = {name: ap.shared for name, ap in plan.adapters.items()}
     bias_cache: dict[str, torch.Tensor] = {}
+    written: set[str] = set()
 
     def read(fqn: str) -> torch.Tensor:
         key = source[fqn]
@@ -303,8 +304,8 @@ def merge_checkpoint(spec: Spec, model_dir: str | Path, out_dir: str | Path, *, 
         w2, b2 = merged_layer(w, b, layer.kind, sites, shared, lname)
         if leaf == "bias":
             return b2
-        if layer.bias in targets and b2 is not None:
-            bias_cache[layer.bias] = b2
+        if layer.bias in targets and b2 is not None and layer.bias not in written:
+            bias_cache[layer.bias] = b2     # written later in this run: not folded twice
         return w2
 
     out = out.absolute()
@@ -338,6 +339,7 @@ def merge_checkpoint(spec: Spec, model_dir: str | Path, out_dir: str | Path, *, 
                         if key in changed:
                             t = merged(key)
                             writer.write(key, t.to(DTYPES[dt]).reshape(shape))
+                            written.add(key)
                         elif key in added:
                             writer.copy(key, h, added[key])
                         else:

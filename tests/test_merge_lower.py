@@ -95,14 +95,14 @@ def test_merge_sharded_tied_equals_peft_unmerged(tied, tied_merged, capsys):
 
 
 def test_merge_equals_fold_and_keeps_bf16(tmp_path):
-    """bf16 model, two adapters (a fresh DoRA whose magnitude is computed from W, then a LoRA): every tensor
-    keeps its dtype and shard; merged weights are the traced `fold` pass's, bit for bit."""
+    """bf16 model, two adapters (a fresh DoRA whose magnitude is computed from W, then a LoRA with a fresh copy of
+    the head): every tensor keeps its dtype and shard; merged weights are the traced `fold` pass's, bit for bit."""
     import transformers as T
     base = _llama(False, torch.bfloat16)
     src = _save(base, tmp_path / "model")
     spec = tmp_path / "s.peft"
     spec.write_text('adapter d: dora(r = 2, init = "random") { targets q_proj, down_proj }\n'
-                    'adapter l: lora(r = 4, alpha = 8, init = "random") { targets q_proj, v_proj }\n')
+                    'adapter l: lora(r = 4, alpha = 8, init = "random") { targets q_proj, v_proj\n save lm_head }\n')
     assert main(["-q", "merge", str(spec), str(src), "-o", str(tmp_path / "out")]) == 0
     out = tmp_path / "out"
     for f in src.glob("*.safetensors"):
