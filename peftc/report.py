@@ -20,10 +20,11 @@ def check_report(plan: Plan, model: nn.Module) -> str:
     lines = []
     for name, ap in plan.adapters.items():
         n_adapter = 0
-        for lname in ap.layers:
-            for sa in plan.sites.get(lname, []):
+        for sas in plan.sites.values():   # its layers, and the layers its companions run on (token rows)
+            for sa in sas:
                 if sa.adapter == name:
                     n_adapter += sum(t.numel() for t in sa.tensors.values())
+        n_adapter += sum(t.numel() for _, t in ap.biases.values())   # bias = "all" / "<method>_only"
         n_mts = sum(t.numel() for mod in ap.modules_to_save.values() for t in mod.values())
         state = []
         state.append("active" if ap.active else "inactive")
