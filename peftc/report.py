@@ -30,8 +30,12 @@ def check_data(plan: Plan, model: nn.Module) -> dict[str, Any]:
     base_total = sum(p.numel() for p in model.parameters())
     adapters = []
     for name, ap in plan.adapters.items():
-        n_adapter = sum(sum(t.numel() for t in sa.tensors.values())
-                        for lname in ap.layers for sa in plan.sites.get(lname, []) if sa.adapter == name)
+        n_adapter = 0
+        for sas in plan.sites.values():   # its layers, and the layers its companions run on (token rows)
+            for sa in sas:
+                if sa.adapter == name:
+                    n_adapter += sum(t.numel() for t in sa.tensors.values())
+        n_adapter += sum(t.numel() for _, t in ap.biases.values())   # bias = "all" / "<method>_only"
         n_mts = sum(t.numel() for mod in ap.modules_to_save.values() for t in mod.values())
         kinds: dict[str, int] = {}
         for lname in ap.layers:
