@@ -27,7 +27,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 import peftc
-from peftc import PeftcError
 
 TOL = 1e-5
 CHANGED = 1e-4
@@ -378,12 +377,14 @@ def test_merged_matches_peft(prepared):
 
 
 # ---------------------------------------------------------------- MoE experts: peft's all-linear targets parameters
-def test_mixtral_all_linear_target_parameters_is_refused_cleanly(tmp_path):
+def test_mixtral_all_linear_target_parameters_matches_peft(tmp_path):
     """peft's all-linear on Mixtral (fused experts, no nn.Linear in the MoE block) also writes `target_parameters`
-    (LoRA on the expert and router tensors). peftc cannot apply those yet: it must say so, not drop them."""
+    (LoRA on the expert and router tensors): peftc applies them (tests/test_param_targets.py has the rest)."""
     base = FAMILIES["mixtral"].build()
     pm = get_peft_model(copy.deepcopy(base), lora(target_modules="all-linear")).eval()
     assert pm.peft_config["default"].target_parameters
+    randomize_(pm, 1)
     pm.save_pretrained(str(tmp_path / "ad"))
-    with pytest.raises(PeftcError, match="target_parameters"):
-        compile_family(f'adapter default: import "{tmp_path / "ad"}"', "mixtral")
+    gm = compile_family(f'adapter default: import "{tmp_path / "ad"}"', "mixtral")
+    x = family_inputs("mixtral")
+    assert max_diff(run_logits(gm, x), run_logits(pm, x)) <= TOL
