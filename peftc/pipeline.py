@@ -151,7 +151,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         "insert": insert_adapters(plan, manifest),
         "fold": fold_frozen(manifest),
         "factor": factor(library().checked().rules, rule_log, rule_hits),
-        "stack": stack_adapters(selectable, live),
+        "stack": stack_adapters(selectable, live, rule_log, rule_hits),
         "rejoin": rejoin_dense(),
         "cse": eliminate_common_subexpressions(),
         "fuse": fuse_shared_input(manifest),

@@ -4,7 +4,8 @@ After `factor`, a layer with additive adapters computes a chain `base + branch_1
 per adapter (found by provenance: each branch node carries its layer and its one adapter). This pass:
 
 - stacks the low-rank branches that read the same input, `linear(linear(x, A_i), B_i) * s_i`, into one
-  product: `linear(linear(x, cat(A_i)), cat(s_i * B_i))` (the scalings fold into B). Sibling layers that read
+  product: `linear(linear(x, cat(A_i)), cat(s_i * B_i))` (the scalings fold into B: a [out, r] multiply on the
+  weight instead of one over every token's output; a lone branch gets that too). Sibling layers that read
   the same x then share one `x @ A` matmul (pass `fuse`);
 - with a per-row choice (`adapter_ids`, an int64 graph input of shape [batch]: row b takes adapter
   `adapter_ids[b]` in declaration order, -1 the base model): where one low-rank adapter reads x, its rank
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -190,9 +192,11 @@ class _Masks:
         return self.cache[adapter]
 
 
-def stack_adapters(selectable: Sequence[str] | None = None, live: dict[str, list[str]] | None = None) -> Any:
+def stack_adapters(selectable: Sequence[str] | None = None, live: dict[str, list[str]] | None = None,
+                   rule_log: list[str] | None = None, rule_hits: Counter | None = None) -> Any:
     """The pass. `selectable`: the adapters `adapter_ids` indexes (declaration order), or None for no per-row
-    choice; `live`: layer -> its live adapters (each must add a branch when there is a per-row choice)."""
+    choice; `live`: layer -> its live adapters (each must add a branch when there is a per-row choice).
+    Each layer it rewrites is logged as the rule `stack` (in `rule_log` / `rule_hits`, as the factor rules)."""
     def run(gm: fx.GraphModule) -> PassResult:
         ids = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == IDS), None)
         if selectable is not None and ids is None:
@@ -214,7 +218,8 @@ def stack_adapters(selectable: Sequence[str] | None = None, live: dict[str, list
                     groups.setdefault(lr[0], []).append((adapter, branch, lr))
                 else:
                     others.append((adapter, branch))
-            stacked = {x: g for x, g in groups.items() if len(g) >= 2 or masks is not None}
+            stacked = {x: g for x, g in groups.items()   # (one branch too: its scaling folds into B)
+                       if len(g) >= 2 or masks is not None or any(lr[3] != 1.0 for _, _, lr in g)}
             if not stacked and masks is None:
                 continue
             for x, g in groups.items():
@@ -247,6 +252,10 @@ def stack_adapters(selectable: Sequence[str] | None = None, live: dict[str, list
                 total = emit(aten.add.Tensor, total, y)
             end.replace_all_uses_with(total)
             modified = True
+            if rule_log is not None:
+                rule_log.append(f"stack @ {layer}")
+            if rule_hits is not None:
+                rule_hits["stack"] += 1
         if masks is not None and live:
             for layer, names in live.items():
                 missing = [a for a in names if a not in seen.get(layer, set())]
