@@ -87,6 +87,14 @@ CASES = [
          lambda: peft.LoraConfig(r=4, target_modules=["query", "value"], bias="all", init_lora_weights=False,
                                  modules_to_save=["classifier"])),
     Case("llama-vera-bias-all", "llama", lambda: peft.VeraConfig(r=8, target_modules=["q_proj"], bias="all")),
+    # the rotations: the bias is trained beside the rotation (BOFT's bias stays unscaled)
+    Case("mlp-oft-bias-only", "token-mlp", lambda: peft.OFTConfig(oft_block_size=4, target_modules=["lin0", "lin1"],
+                                                                  bias="oft_only", init_weights=False),
+         'oft(block_size = 4, init = "random", bias = "oft_only") { targets lin0, lin1 }'),
+    Case("mlp-boft-bias-all", "token-mlp", lambda: peft.BOFTConfig(boft_block_size=4, target_modules=["lin0"],
+                                                                   bias="all", init_weights=False)),
+    Case("mlp-hra-bias-only", "token-mlp", lambda: peft.HRAConfig(r=2, target_modules=["lin0", "lin1"],
+                                                                  bias="hra_only", init_weights=False)),
     # ---- LoRA on nn.MultiheadAttention: in_proj_weight and out_proj (with bias = lora_only too)
     Case("mha-lora", "mha", lambda: peft.LoraConfig(r=4, target_modules=["attn"], init_lora_weights=False),
          'lora(r = 4, alpha = 6, init = "random") { targets attn }'),
