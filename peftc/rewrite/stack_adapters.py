@@ -289,11 +289,11 @@ def _gathered(gm: fx.GraphModule, emit: _Emit, x: fx.Node, g: list, bs: list[fx.
     slot = masks.slots(tuple(a for a, _, _ in g))
     a_g = emit(aten.index_select.default, a_st, 0, slot)
     b_g = emit(aten.index_select.default, b_st, 0, slot)
+    bad = emit(aten.type_as.default, masks.bad, b_g)   # NaN on a bad row's gathered B (small), not on its output
+    b_g = emit(aten.add.Tensor, b_g, emit(aten.unsqueeze.default, emit(aten.unsqueeze.default, bad, 1), 2))
     xr = emit(aten.reshape.default, x, [masks.batch, -1, d_in])
     h = emit(aten.bmm.default, xr, emit(aten.transpose.int, a_g, 1, 2))
     y = emit(aten.bmm.default, h, emit(aten.transpose.int, b_g, 1, 2))
-    bad = emit(aten.type_as.default, masks.bad, y)
-    y = emit(aten.add.Tensor, y, emit(aten.unsqueeze.default, emit(aten.unsqueeze.default, bad, 1), 2))
     return emit(aten.reshape_as.default, y, head)
 
 
