@@ -30,7 +30,7 @@ def test_before_is_the_declared_transform_and_after_is_factored(dot):
     assert "as inserted" in before and "after every pass" in after
     assert '"0_mm_default" [label="mm\\nadapter: assistant"' in before      # B @ A, as lora.peft declares it
     assert "rule:" not in before
-    assert "rule: low_rank" in after and "rule: split_sum" in after        # linear(linear(x, A), B) + linear(x, W)
+    assert "rule: split_sum" in after and "rule: stack" in after           # linear(x, W) + linear(linear(x, A), s*B)
     assert "pass: fuse" in after                                          # q/k/v share one A matmul
     assert "mm\\n" not in after                                           # B @ A is never formed
     assert after.count("->") > 5
