@@ -117,7 +117,7 @@ def fresh_like(inputs: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torc
 
 def _load_hf(path: Path) -> tuple[nn.Module, Any]:
     try:
-        import transformers
+        import transformers  # noqa: F401 - only whether it is installed
     except ImportError:
         raise PeftcError("loading a Hugging Face model needs the 'transformers' package") from None
     cfg_file = path / "config.json"
@@ -125,12 +125,7 @@ def _load_hf(path: Path) -> tuple[nn.Module, Any]:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise PeftcError(f"{cfg_file}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
-    archs = raw.get("architectures") or []
-    if not archs:
-        raise PeftcError(f"{cfg_file}: no 'architectures' entry; cannot tell which model class to build")
-    cls = getattr(transformers, archs[0], None)
-    if cls is None:
-        raise PeftcError(f"{cfg_file}: unknown architecture {archs[0]!r} for this transformers version")
+    cls = model_class(cfg_file, raw)
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
     if not weights:
         raise PeftcError(f"{path}: no model weights (*.safetensors or *.bin) next to config.json")
@@ -174,6 +169,18 @@ def _import_callable(ref: str) -> tuple[Any, Any]:
         names = [n for n in dir(module) if not n.startswith("_")]
         raise PeftcError(f"model {ref!r}: {mod_ref} has no attribute {attr!r}{did_you_mean(attr, names)}")
     return fn, module
+
+
+def model_class(cfg_file: Path, config: dict[str, Any]) -> type:
+    """The transformers class a config.json's `architectures` names (a located error when it names none)."""
+    import transformers
+    archs = config.get("architectures") or []
+    if not archs:
+        raise PeftcError(f"{cfg_file}: no 'architectures' entry; cannot tell which model class to build")
+    cls = getattr(transformers, archs[0], None)
+    if cls is None:
+        raise PeftcError(f"{cfg_file}: unknown architecture {archs[0]!r} for this transformers version")
+    return cls
 
 
 def load_model(ref: str | nn.Module, example_inputs: list[str] | dict[str, torch.Tensor] | None = None

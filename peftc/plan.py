@@ -126,19 +126,12 @@ def _err(msg: str, span: Span | None, spec: Spec | None) -> PeftcError:
                       source=source)
 
 
-def _resolve_path(p: str, spec: Spec) -> str:
-    path = Path(p)
-    if not path.is_absolute() and spec.file and not spec.file.startswith("<"):
-        path = Path(spec.file).resolve().parent / path
-    return str(path)
-
-
 def resolve_adapter(ad: AdapterSpec, spec: Spec, lib: Library) -> tuple[AdapterSpec, MethodDef, dict[str, Any]]:
     """Expand an `import` and check method and options. Returns (adapter, method, coerced options)."""
     if ad.import_dir is not None and ad.method is None:
         _check_clauses(ad, None, spec)
         _only_merge_and_exclude(ad, spec)
-        directory = ad.preloaded[2] if ad.preloaded else _resolve_path(ad.import_dir, spec)
+        directory = ad.preloaded[2] if ad.preloaded else spec.resolve_path(ad.import_dir)
         try:
             config = ad.preloaded[0] if ad.preloaded else read_adapter_config(directory)
         except PeftcError as e:
@@ -627,7 +620,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
         # where weights come from
         ckpt: CheckpointTensors | None = None
         if ad.weights is not None or from_cfg:
-            directory = _resolve_path(ad.weights, spec) if ad.weights is not None else ad.import_dir
+            directory = spec.resolve_path(ad.weights) if ad.weights is not None else ad.import_dir
             try:
                 ckpt = CheckpointTensors(*(ad.preloaded[1:] if ad.preloaded else read_adapter_tensors(directory)))
             except PeftcError as e:

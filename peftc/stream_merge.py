@@ -32,6 +32,7 @@ from peftc.atomic import check_new_dir
 from peftc.errors import PeftcError
 from peftc.library import Library
 from peftc.merged_weight import merged_layer, realize_site
+from peftc.models import model_class
 from peftc.plan import Plan, _err, build_plan
 from peftc.progress import step
 from peftc.safetensors_stream import DTYPES, Header, ShardWriter, read_header, read_tensor
@@ -132,16 +133,11 @@ def _main_dtype(ck: Checkpoint) -> torch.dtype:
 def build_skeleton(directory: Path, config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
     """The model of a config.json built on the meta device: names, kinds, shapes, tied weights; no memory."""
     try:
-        import transformers
+        import transformers  # noqa: F401 - only whether it is installed
     except ImportError:
         raise PeftcError("`peftc merge` needs the 'transformers' package to read the model's structure") from None
     cfg_file = directory / "config.json"
-    archs = config.get("architectures") or []
-    if not archs:
-        raise PeftcError(f"{cfg_file}: no 'architectures' entry; cannot tell which model class to build")
-    cls = getattr(transformers, archs[0], None)
-    if cls is None:
-        raise PeftcError(f"{cfg_file}: unknown architecture {archs[0]!r} for this transformers version")
+    cls = model_class(cfg_file, config)
     try:
         cfg = cls.config_class.from_dict(config)
         with torch.device("meta"):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from peftc.errors import PeftcError, did_you_mean
@@ -89,10 +88,7 @@ def _import_dir(src: AdapterSpec, spec: Spec) -> str | None:
     """The checkpoint directory of an `import "dir"` adapter (relative to the spec file), else None."""
     if src.import_dir is None or src.method is not None:
         return None
-    path = Path(src.import_dir)
-    if not path.is_absolute() and spec.file and not spec.file.startswith("<"):
-        path = Path(spec.file).resolve().parent / path
-    return str(path)
+    return spec.resolve_path(src.import_dir)
 
 
 def _plain_lora(directory: str) -> bool:

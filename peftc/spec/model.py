@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -71,6 +72,13 @@ class Spec:
     adapters: dict[str, AdapterSpec]
     active: list[str] | None = None
     active_spans: dict[str, Span] = field(default_factory=dict)
+
+    def resolve_path(self, p: str) -> str:
+        """A path written in the spec: relative to the spec file (as given for spec text)."""
+        path = Path(p)
+        if not path.is_absolute() and self.file and not self.file.startswith("<"):
+            path = Path(self.file).resolve().parent / path
+        return str(path)
 
     def active_names(self) -> list[str]:
         """The `active` list, or else every adapter that no combination consumes."""
