@@ -95,6 +95,12 @@ CASES = [
     Case("llama-modules_to_save", "llama", lambda: lora(target_modules=["v_proj"], modules_to_save=["lm_head"]),
          _native("lora(r = 4, alpha = 8)", "targets v_proj\n    save lm_head")),
     # ---- GPT-2: transformers Conv1D (fan_in_fan_out), with biases
+    # a tied embedding and head: the saved copy of one of them must not change the other (merged too)
+    Case("gpt2-modules_to_save-tied-head", "gpt2", lambda: lora(target_modules=["c_attn"], modules_to_save=["lm_head"]),
+         _native("lora(r = 4, alpha = 8)", "targets c_attn\n    save lm_head")),
+    Case("gpt2-modules_to_save-tied-embedding", "gpt2",
+         lambda: lora(target_modules=["c_attn"], modules_to_save=["wte"]),
+         _native("lora(r = 4, alpha = 8)", "targets c_attn\n    save wte")),
     Case("gpt2-lora", "gpt2", lambda: lora(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
          _native("lora(r = 4, alpha = 8)", "targets c_attn, c_proj"), check_native_merge=True),
     Case("gpt2-lora_bias-rslora", "gpt2",
@@ -200,6 +206,11 @@ def _mts_modules(prepared: Prepared) -> list[str]:
     return list(cfg.modules_to_save or []) + (["classifier"] if cfg.task_type == "SEQ_CLS" else [])
 
 
+def _in_mts(name: str, prepared: Prepared) -> bool:
+    """Whether a parameter name belongs to a modules_to_save module (peft matches those names as suffixes)."""
+    return any(f".{name}".startswith(f".{m}.") or f".{m}." in f".{name}" for m in _mts_modules(prepared))
+
+
 def test_adapter_is_not_a_noop(prepared):
     assert max_diff(prepared.peft_out, prepared.base_out) > CHANGED
 
@@ -238,10 +249,9 @@ def test_import_merged_matches_peft(prepared):
         return
     # the merged graph is the base graph with new weights, under the base parameter names
     sd = gm.state_dict()
-    mts = tuple(m + "." for m in _mts_modules(prepared))
     changed = 0
     for name, ref in prepared.merged_state.items():
-        if name.startswith(mts) or name not in sd or torch.equal(ref, prepared.base_state[name]):
+        if _in_mts(name, prepared) or name not in sd or torch.equal(ref, prepared.base_state[name]):
             continue
         assert max_diff(sd[name], ref) <= TOL, name
         changed += 1
@@ -257,8 +267,7 @@ def test_merged_modules_to_save_under_base_names(prepared):
     a merged peftc graph should likewise hold it under the base parameter names (a merged checkpoint)."""
     gm = compile_on(_import(prepared), prepared.case.model, merge=True)
     sd = gm.state_dict()
-    mts = tuple(m + "." for m in _mts_modules(prepared))
-    names = [n for n in prepared.merged_state if n.startswith(mts)]
+    names = [n for n in prepared.merged_state if _in_mts(n, prepared)]
     assert names and any(not torch.equal(prepared.merged_state[n], prepared.base_state[n]) for n in names)
     for n in names:
         assert max_diff(sd[n], prepared.merged_state[n]) <= TOL, n

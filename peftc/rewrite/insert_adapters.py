@@ -132,8 +132,8 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
                     p = nn.Parameter(t.clone(), requires_grad=live)
                     rec.modules_to_save[mod][pname] = p
                     if ap.active and ap.merge:
-                        # merged: the trained copy simply becomes the module's weights, under the base name
-                        set_path(gm, f"{mod}.{pname}", p)
+                        # merged: the trained copy becomes the module's weights, under the base name
+                        _replace_own(gm, f"{mod}.{pname}", mod, p)
                         modified = True
                         continue
                     path = f"{mod}.modules_to_save.{name}.{pname}"
@@ -157,6 +157,31 @@ def insert_adapters(plan: Plan, manifest: Manifest) -> Any:
         return PassResult(gm, modified)
 
     return run
+
+
+def _replace_own(gm: fx.GraphModule, path: str, module: str, t: torch.Tensor) -> None:
+    """Put `t` at `path` (a parameter of `module`). A tied weight (an embedding and its head: one tensor under
+    two names, read by a single get_attr) stays the old tensor for the other module's reads, under its name."""
+    old = get_path(gm, path)
+    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    alias = next((n for n, v in named
+                  if v is old and n != path and not n.startswith(module + ".")), None)
+    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and get_path(gm, n.target) is old]
+    if alias is None and any(not _inside(u, module) for n in readers for u in n.users):
+        alias = f"{module}.peftc_base.{path.rpartition('.')[2]}"   # read elsewhere under no other name
+        set_path(gm, alias, old)
+    set_path(gm, path, t)
+    for n in readers:
+        for u in list(n.users):
+            want = path if _inside(u, module) else alias
+            if want is None or want == n.target:
+                continue
+            with gm.graph.inserting_before(u):
+                new = gm.graph.get_attr(want)
+            new.meta.update(n.meta)
+            u.replace_input_with(n, new)
+        if not n.users:
+            gm.graph.erase_node(n)
 
 
 def _inside(node: fx.Node, module: str) -> bool:
