@@ -3,7 +3,8 @@
     text -> spec (peftc.spec) -> plan (peftc.plan) -> graph rewrites (peftc.rewrite) -> emit (peftc.emit)
 
 Python API: `compile(spec, model) -> torch.fx.GraphModule`, `save_adapter(gm, dir)`, `export_onnx`,
-`save_pt2`, `parse_spec` / `read_spec`.
+`save_pt2`, `parse_spec` / `read_spec`, `merge_model(spec, model_dir, out_dir)` (peftc merge),
+`lower_to_lora(spec, model, rank=..., max_error=..., output=...)` (peftc lower).
 
 The API is exported lazily (PEP 562 module `__getattr__`): `import peftc` imports neither torch nor the
 compiler, so the command line answers `--help`, `--version`, syntax errors and `import` in well under a
@@ -24,6 +25,8 @@ _EXPORTS = {
     "save_pt2": "peftc.emit.pt2",
     "parse_spec": "peftc.spec.parse",
     "read_spec": "peftc.spec.parse",
+    "merge_model": "peftc.stream_merge",
+    "lower_to_lora": "peftc.lower",
     "PeftcError": "peftc.errors",
     "PeftcWarning": "peftc.errors",
 }
@@ -34,8 +37,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below d
     from peftc.emit.onnx import export_onnx  # noqa: F401
     from peftc.emit.pt2 import save_pt2  # noqa: F401
     from peftc.errors import PeftcError, PeftcWarning  # noqa: F401
+    from peftc.lower import lower_to_lora  # noqa: F401
     from peftc.pipeline import compile, compile_model  # noqa: F401
     from peftc.spec.parse import parse_spec, read_spec  # noqa: F401
+    from peftc.stream_merge import merge_model  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

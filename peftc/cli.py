@@ -370,10 +370,8 @@ def _rank_args(args: argparse.Namespace) -> tuple[int | None, float | None]:
 
 
 def _merge(args: argparse.Namespace, spec: Spec) -> int:
-    from peftc.pipeline import check_spec
-    from peftc.stream_merge import merge_checkpoint
-    check_spec(spec)
-    done = merge_checkpoint(spec, args.model, args.output)
+    from peftc.stream_merge import merge_model
+    done = merge_model(spec, args.model, args.output)
     _warnings(done.plan)
     for name, ap in done.plan.adapters.items():
         if not ap.active:
@@ -391,40 +389,19 @@ def _merge(args: argparse.Namespace, spec: Spec) -> int:
 
 
 def _lower(args: argparse.Namespace, spec: Spec, rank: int | None, max_error: float | None) -> int:
-    from peftc.lower import lower_plan, write_lowered
-    from peftc.models import load_model
-    from peftc.pipeline import base_model_name, check_spec
-    from peftc.plan import build_plan
-    from peftc.progress import step
-    from peftc.stream_merge import check_mergeable, is_safetensors_dir, skeleton_plan
-    check_spec(spec)
-    if is_safetensors_dir(args.model):   # a model directory: planned on its skeleton, weights read per layer
-        plan, _, _, read = skeleton_plan(spec, args.model)
-        module, base_name = None, str(args.model)
-    else:
-        with step("Loading model"):
-            loaded = load_model(args.model, args.example_input)
-        with step("Planning adapters"):
-            plan = build_plan(spec, loaded.module)
-        module, read, base_name = loaded.module, None, base_model_name(loaded)
-    _warnings(plan)
-    check_mergeable(plan, spec, "peftc lower")
-    with step("Lowering (SVD of each layer's update)"):
-        low = lower_plan(plan, module, rank, max_error, read)
+    from peftc.lower import lower_to_lora
+    low = lower_to_lora(spec, args.model, rank=rank, max_error=max_error, output=args.output,
+                        example_inputs=args.example_input)
+    _warnings(low.plan)
     width = max(len(l.name) for l in low.layers)
     lines = [f"{'layer':{width}s}  {'kind':9s}  {'rank':>4s}  rel. error"]
     lines += [f"{l.name:{width}s}  {l.kind:9s}  {l.rank:4d}  {l.error:.2e}" for l in low.layers]
     _result("\n".join(lines))
     worst = max(low.layers, key=lambda l: l.error)
-    if rank is not None and max_error is not None and worst.error > max_error:
-        raise PeftcError(f"layer '{worst.name}': relative error {worst.error:.2e} at rank {worst.rank} is above "
-                         f"--max-error {max_error:g} (nothing written; raise --rank, or use --rank auto)")
-    with step("Writing PEFT checkpoint"):
-        out = write_lowered(low, args.output, {n: l.kind for n, l in plan.layers.items()}, base_name)
-    active = [n for n, ap in plan.adapters.items() if ap.active]
+    active = [n for n, ap in low.plan.adapters.items() if ap.active]
     ranks = sorted({l.rank for l in low.layers})
     rank_s = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
-    _result(f"wrote {out}: LoRA of {', '.join(active)} on {_plural(len(low.layers), 'layer')}, {rank_s}; "
+    _result(f"wrote {low.path}: LoRA of {', '.join(active)} on {_plural(len(low.layers), 'layer')}, {rank_s}; "
             f"max relative error {worst.error:.2e} ({worst.name}) (total {time.perf_counter() - T0:.1f}s)")
     return 0
 

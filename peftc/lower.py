@@ -29,6 +29,7 @@ from peftc.errors import PeftcError
 from peftc.manifest import AdapterRecord, Manifest
 from peftc.merged_weight import fold_layer, realize_site
 from peftc.plan import Plan
+from peftc.spec.model import Spec
 
 LOWERABLE = ("linear", "conv1d_hf", "conv1d", "conv2d", "conv3d", "embedding")
 
@@ -49,6 +50,8 @@ class Lowered:
     layers: list[LoweredLayer]
     record: AdapterRecord
     lora_bias: bool
+    plan: Plan | None = None       # what was lowered (set by lower_to_lora)
+    path: Path | None = None       # the checkpoint written, if any
 
 
 def _as_matrix(delta: torch.Tensor, kind: str) -> torch.Tensor:
@@ -174,3 +177,51 @@ def write_lowered(lowered: Lowered, directory: str | Path, kinds: dict[str, str]
     from peftc.emit.checkpoint import write_adapters
     manifest = Manifest(adapters={"default": lowered.record}, base_model_name_or_path=base_model_name_or_path)
     return write_adapters(manifest, directory, kinds)[0]
+
+
+def plan_lowering(spec: Spec, model: str | Path | nn.Module, example_inputs: Any = None
+                  ) -> tuple[Plan, nn.Module | None, Callable[[str], torch.Tensor] | None, str | None]:
+    """(plan, module, read, base model name) for lowering `spec` on `model`: a safetensors model directory is
+    planned on its skeleton and read one layer at a time (`read`); anything else is loaded whole (`module`)."""
+    from peftc.models import load_model
+    from peftc.pipeline import base_model_name
+    from peftc.plan import build_plan
+    from peftc.progress import step
+    from peftc.stream_merge import is_safetensors_dir, skeleton_plan
+    if isinstance(model, (str, Path)) and is_safetensors_dir(str(model)):
+        plan, _, _, read = skeleton_plan(spec, model)
+        return plan, None, read, str(model)
+    with step("Loading model"):
+        loaded = load_model(model, example_inputs)
+    with step("Planning adapters"):
+        plan = build_plan(spec, loaded.module)
+    return plan, loaded.module, None, base_model_name(loaded)
+
+
+def lower_to_lora(spec: str | Path | Spec, model: str | Path | nn.Module, *, rank: int | None = None,
+                  max_error: float | None = None, output: str | Path | None = None,
+                  example_inputs: Any = None) -> Lowered:
+    """Python API of `peftc lower`: the spec's active adapters on `model` as one plain LoRA adapter, by a
+    truncated SVD of each layer's update. `rank`: a fixed rank (capped per layer); None with `max_error`: the
+    smallest rank per layer whose relative error is at most `max_error`; both: fixed rank, and an error above
+    `max_error` raises (nothing written). With `output`, the PEFT checkpoint is written there (atomically).
+    Returns each layer's name, kind, rank and relative error (`.layers`)."""
+    from peftc.pipeline import check_spec, load_spec
+    from peftc.stream_merge import check_mergeable
+    if rank is None and max_error is None:
+        raise PeftcError("lower: give a rank, a max_error, or both")
+    sp = load_spec(spec)
+    check_spec(sp)
+    plan, module, read, base_name = plan_lowering(sp, model, example_inputs)
+    check_mergeable(plan, sp, "peftc lower")
+    from peftc.progress import step
+    with step("Lowering (SVD of each layer's update)"):
+        low = lower_plan(plan, module, rank, max_error, read)
+    low.plan = plan
+    worst = max(low.layers, key=lambda l: l.error)
+    if rank is not None and max_error is not None and worst.error > max_error:
+        raise PeftcError(f"layer '{worst.name}': relative error {worst.error:.2e} at rank {worst.rank} is above "
+                         f"--max-error {max_error:g} (nothing written; raise --rank, or use --rank auto)")
+    if output is not None:
+        low.path = write_lowered(low, output, {n: l.kind for n, l in plan.layers.items()}, base_name)
+    return low

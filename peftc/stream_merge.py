@@ -362,3 +362,12 @@ def merge_checkpoint(spec: Spec, model_dir: str | Path, out_dir: str | Path, *, 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def merge_model(spec: str | Path | Spec, model_dir: str | Path, output: str | Path, *, seed: int = 0) -> MergeResult:
+    """Python API of `peftc merge`: write `output`, the Hugging Face model directory `model_dir` with every
+    active adapter of `spec` (a .peft path, spec text or Spec) merged, one shard at a time (see module doc)."""
+    from peftc.pipeline import check_spec, load_spec
+    sp = load_spec(spec)
+    check_spec(sp)
+    return merge_checkpoint(sp, model_dir, output, seed=seed)

@@ -362,3 +362,26 @@ def test_merged_layer_is_fold(tiny_llama):
         w, _ = merged_layer(tiny_llama.get_parameter(layer.weight), None, layer.kind, sas, shared, lname)
         assert torch.equal(w, params[layer.weight]), lname
 
+
+
+def test_python_api_merge_and_lower(tied, tied_merged, tmp_path):
+    """`peftc.merge_model` and `peftc.lower_to_lora` do what the commands do: the same merged shards, and a
+    lowered checkpoint whose per-layer errors the return value reports (peft loads it)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    root, base, pm = tied
+    out = tmp_path / "merged"
+    done = peftc.merge_model(root / "spec.peft", root / "model", out)
+    assert done.out == out and done.layers and done.untied
+    for shard in tied_merged.glob("*.safetensors"):
+        want, got = load_file(shard), load_file(out / shard.name)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    low = peftc.lower_to_lora('adapter a: import "' + str(root / "adapter") + '"', copy.deepcopy(base),
+                              max_error=1e-5, output=tmp_path / "low")
+    assert low.path == tmp_path / "low" and all(l.error <= 1e-5 and l.rank <= 4 for l in low.layers)
+    assert {l.name.rsplit(".", 1)[-1] for l in low.layers} == {"embed_tokens", "q_proj", "v_proj"}
+    lowered = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "low").eval()   # with the head's copy
+    ids = _ids()
+    assert max_diff(_logits(lowered, ids), _logits(pm, ids)) <= TOL
+    with pytest.raises(peftc.PeftcError, match="rank, a max_error"):
+        peftc.lower_to_lora('adapter a: import "' + str(root / "adapter") + '"', copy.deepcopy(base))
