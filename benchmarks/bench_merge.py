@@ -13,6 +13,7 @@ and casts once, peft adds in bf16.
 
     python benchmarks/bench_merge.py                     # ~1.5 GB, 4 shards, with peft
     python benchmarks/bench_merge.py --size-gb 13.5 --hidden 4096 --peft no  # 7B-shaped, peftc only
+    ... --append                                         # add the run to results/merge.md
 
 Writes benchmarks/results/merge.md (and prints it).
 """
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peft", choices=("auto", "yes", "no"), default="auto",
                     help="also run peft's load + merge_and_unload + save_pretrained (auto: if it fits in memory)")
     ap.add_argument("--workdir", type=Path, help="where to write the checkpoints (default: a temp folder, removed)")
+    ap.add_argument("--append", action="store_true", help="add this run to results/merge.md instead of replacing it")
     args = ap.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="peftc-bench-merge-"))
     try:
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         text = report(info, rows, gen_s, load0, load1, args)
         print(text)
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "merge.md").write_text(text + "\n")
+        old = (RESULTS / "merge.md").read_text() if args.append and (RESULTS / "merge.md").exists() else ""
+        (RESULTS / "merge.md").write_text((old + "\n" if old else "") + text + "\n")
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
