@@ -346,6 +346,7 @@ class Op:
     arity: int = 0                    # full positional arity when defaults apply
     module_call: bool = False         # emitted as call_module (first arg names the submodule)
     plan_only: bool = False           # computed once at compile time (`const`), never emitted into a graph
+    shape_args: tuple[int, ...] = ()  # positions read only for their shape, dtype and device (a `like` template)
 
 
 # ---------------------------------------------------------------- plan-time functions (seeded draws)
@@ -403,7 +404,7 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("select", aten.select.int),
     Op("slice", aten.slice.Tensor, defaults=(0, None, None, 1), arity=5),
     Op("reshape", aten.reshape.default),
-    Op("reshape_as", reshape_as),
+    Op("reshape_as", reshape_as, shape_args=(1,)),
     Op("transpose", aten.transpose.int),
     Op("cat", aten.cat.default, defaults=(0,), arity=2),
     Op("stack", aten.stack.default, defaults=(0,), arity=2),
@@ -424,7 +425,7 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("block_circulant", block_circulant),
     Op("idwt2", idwt2),
     Op("pad2", pad2),
-    Op("scatter2d", scatter2d),
+    Op("scatter2d", scatter2d, shape_args=(3,)),
     Op("real_ifft2", real_ifft2),
     Op("topk_values", lambda v, k: torch.topk(v, k, dim=-1).values),
     Op("topk_indices", lambda v, k: torch.topk(v, k, dim=-1).indices),
@@ -440,7 +441,7 @@ TENSOR_OPS: dict[str, Op] = {op.name: op for op in [
     Op("ternary", ternary),
     Op("softmax", softmax),
     # rotations and orthogonal factors (HRA, RoAd), plan-time decompositions (OSF)
-    Op("eye", eye),
+    Op("eye", eye, shape_args=(1,)),
     Op("triu", aten.triu.default, defaults=(0,), arity=2),
     Op("cos", aten.cos.default),
     Op("sin", aten.sin.default),

@@ -61,7 +61,7 @@ def _peft_delta_model(base, parts: list[tuple[float, Path]]):
         for w, d in parts:
             pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(d))
             for name, mod in pm.base_model.model.named_modules():
-                if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "scaling", {}):
+                if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "active_adapters", ()):
                     params[f"{name}.weight"] += w * mod.get_delta_weight("default")
     return model.eval()
 
@@ -102,6 +102,22 @@ def test_exact_sums_deltas_across_methods(dirs, base, x):
     ones = compile_on(_imports(dirs, "a", "loha") + "adapter mix: combine(a, loha)\n", "llama",
                       model=copy.deepcopy(base))
     assert max_diff(run_logits(both, x), run_logits(ones, x)) <= TOL
+
+
+@pytest.mark.parametrize("config", [
+    lambda: peft.FourierFTConfig(n_frequency=50, scaling=20.0, target_modules=["q_proj", "down_proj"]),
+    lambda: peft.WaveFTConfig(n_frequency=40, target_modules=["q_proj"], init_weights=False),
+    lambda: peft.ShiraConfig(r=2, target_modules=["q_proj", "down_proj"], init_weights=False),
+], ids=["fourierft", "waveft", "shira"])
+def test_exact_takes_deltas_built_in_the_weights_shape(config, dirs, base, x, tmp_path):
+    """FourierFT, WaveFT and SHiRA scatter their values into a zero matrix shaped like W (`scatter2d(.., W)`):
+    their delta reads W's shape, not its values, so they are additive and combine exactly."""
+    _, _, d = peft_adapter("llama", config(), tmp_path, seed=6)
+    spec = _imports(dirs, "a") + f'adapter f: import "{d}"\n' + "adapter mix: combine(0.7 * a, -0.5 * f)\n"
+    want = run_logits(_peft_delta_model(base, [(0.7, dirs["a"]), (-0.5, d)]), x)
+    for merge in (False, True):
+        assert max_diff(run_logits(compile_on(spec, "llama", model=copy.deepcopy(base), merge=merge), x), want) <= TOL
+    assert max_diff(want, run_logits(_peft_delta_model(base, [(0.7, dirs["a"])]), x)) > CHANGED
 
 
 def test_exact_of_lora_checkpoints_is_cat(dirs, base, x, tmp_path):

@@ -170,14 +170,35 @@ def expand_combinations(spec: Spec) -> Spec:
     return Spec(spec.file, spec.source, adapters, new_active, spans)
 
 
+def value_names_in(expr: Any) -> set[str]:
+    """The names whose values an expression reads: every name, except those an op reads only for their shape,
+    dtype and device (`scatter2d(v, rows, cols, W)` builds a zero matrix shaped like W: a delta of that form
+    does not depend on W's values)."""
+    from peftc.lang.expr import Call, Name
+    from peftc.ops import TENSOR_OPS
+    if isinstance(expr, Name):
+        return {expr.id}
+    if not isinstance(expr, Call):
+        return set()
+    op = TENSOR_OPS.get(expr.fn)
+    skip = op.shape_args if op is not None else ()
+    out: set[str] = set()
+    for i, a in enumerate(expr.args):
+        if i not in skip:
+            out |= value_names_in(a)
+    for _, v in expr.kwargs:
+        out |= value_names_in(v)
+    return out
+
+
 def scale_delta(prog: Any, scale: float) -> Any:
     """A method's program at one layer with its delta scaled: `weight W + D` becomes `W + scale * D` (and
     `bias b + E` becomes `b + scale * E`). ValueError (saying why) when a transform is not of that form or its
     delta reads the base weight: then the method is not additive and no weighted sum of deltas exists."""
-    from peftc.lang.expr import Call, Const, Name, names_in
+    from peftc.lang.expr import Call, Const, Name
     base_reads = {"W", "W0", "b"}          # the base tensors, and every let or constant computed from them
     for kind, item in prog.steps:
-        if kind in ("let", "const") and names_in(item[1]) & base_reads:
+        if kind in ("let", "const") and value_names_in(item[1]) & base_reads:
             base_reads.add(item[0])
 
     def scaled(expr: Any, base: str, what: str) -> Any:
@@ -186,7 +207,7 @@ def scale_delta(prog: Any, scale: float) -> Any:
         if isinstance(expr, Call) and expr.fn == "add" and len(expr.args) == 2:
             for i, arg in enumerate(expr.args):
                 other = expr.args[1 - i]
-                if isinstance(arg, Name) and arg.id == base and not names_in(other) & base_reads:
+                if isinstance(arg, Name) and arg.id == base and not value_names_in(other) & base_reads:
                     return Call("add", (arg, Call("mul", (Const(scale), other))))
         raise ValueError(f"transforms its {what} otherwise than `{base} + delta` (with a delta that does not "
                          f"read {base})")
