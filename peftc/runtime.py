@@ -41,6 +41,7 @@ from peftc.rewrite.insert_adapters import param_path
 from peftc.spec.combinations import scale_delta
 from peftc.spec.model import AdapterSpec, Span, Spec
 
+_PRESERVED = "_user_preserved_attributes"   # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
 SLOT = "__slot"            # spare slots are named __slot0, __slot1, ...
 RANK = "r"                 # the option `max_rank` sets (the rank of every method that has one)
 
@@ -132,7 +133,6 @@ class Slot:
     method: str
     sites: dict[str, SiteAdapter]               # layer -> the compiled site (program at compiled options)
     params: dict[str, dict[str, str]]           # layer -> param name -> graph path
-    consts: dict[str, dict[str, str]]           # layer -> const name -> graph path
     shared: dict[str, str]                      # shared tensor name -> graph path
     gates: dict[str, str]                       # layer -> gate path (layers where it adds a gated branch)
     ratio: dict[str, float] = field(default_factory=dict)   # layer -> the gate's value when on
@@ -144,7 +144,7 @@ def _slots(gm: fx.GraphModule, plan: Plan, names: Sequence[str], found: dict[str
     out = {}
     for name in names:
         ap = plan.adapters[name]
-        slot = Slot(name, ap.method.name, {}, {}, {}, {f"{d.name}": f"peftc_shared.{name}.{d.name}"
+        slot = Slot(name, ap.method.name, {}, {}, {f"{d.name}": f"peftc_shared.{name}.{d.name}"
                                                        for d in ap.shared_decls}, {})
         for lname, sas in plan.sites.items():
             for sa in sas:
@@ -153,7 +153,6 @@ def _slots(gm: fx.GraphModule, plan: Plan, names: Sequence[str], found: dict[str
                 slot.sites[lname] = sa
                 home = ap.saved_names.get(lname, lname)
                 slot.params[lname] = {d.name: param_path(home, d.saved, name, d.name) for d in sa.program.params}
-                slot.consts[lname] = {c: f"{lname}.peftc_{c}.{name}" for c in sa.consts}
                 if name in found.get(lname, ()):
                     slot.gates[lname] = gate_path(lname, name)
                 slot.ratio[lname] = 1.0
@@ -253,8 +252,8 @@ class Runtime:
         return build_plan(spec, self.module)
 
     def fit(self, slot: Slot, new: Plan, name: str) -> tuple[dict, dict, dict[str, float]]:
-        """(layer -> param -> padded tensor, layer -> const -> tensor | shared name -> padded tensor, ratios);
-        _Misfit when the checkpoint does not fit the slot."""
+        """(layer -> param -> padded tensor, shared name -> padded tensor, layer -> gate ratio); _Misfit when
+        the checkpoint does not fit the slot."""
         ap = new.adapters[name]
         if ap.method.name != slot.method:
             raise _Misfit(f"it is a {ap.method.name} adapter, the slot holds {slot.method}")
@@ -272,7 +271,6 @@ class Runtime:
                 raise _Misfit(f"it has no shared tensor '{sname}'")
             shared[sname] = _pad(t, get_path(self.gm, path).shape, f"shared tensor '{sname}'")
         params: dict[str, dict[str, torch.Tensor]] = {}
-        consts: dict[str, dict[str, torch.Tensor]] = {}
         ratios: dict[str, float] = {}
         for lname, cur in slot.sites.items():
             sa = sites.get(lname)
@@ -281,25 +279,24 @@ class Runtime:
                 if lname not in slot.gates:
                     raise _Misfit(f"it does not adapt layer '{lname}', and the slot cannot be switched off there")
                 params[lname] = {p: torch.zeros(s) for p, s in shapes.items()}
-                consts[lname] = {}
                 ratios[lname] = 0.0
                 continue
             padded = {p: _pad(sa.tensors[p], s, f"'{p}' on layer '{lname}'") for p, s in shapes.items()
                       if p in sa.tensors}
-            missing = [p for p in shapes if p not in padded]
+            missing = [p for p in shapes if p not in padded] or [p for p in sa.tensors if p not in shapes]
             if missing:
-                raise _Misfit(f"it has no tensor '{missing[0]}' on layer '{lname}'")
-            cst = {}
-            for c, path in slot.consts[lname].items():
-                have = get_path(self.gm, path)
+                raise _Misfit(f"its tensors on layer '{lname}' are not the compiled form's (no '{missing[0]}' in "
+                              f"{'the checkpoint' if missing[0] in shapes else 'the slot'}: {_opts(sa)} vs "
+                              f"{_opts(cur)} change the method's factors)")
+            for c, compiled_const in cur.consts.items():   # plan-time constants may be folded into the graph
                 t = sa.consts.get(c)
-                if t is None or t.shape != have.shape:
-                    raise _Misfit(f"its constant '{c}' on layer '{lname}' differs in shape from the compiled one")
-                cst[c] = t
+                if t is None or t.shape != compiled_const.shape or not torch.equal(t, compiled_const):
+                    raise _Misfit(f"its plan-time constant '{c}' on layer '{lname}' differs from the compiled one "
+                                  "(a seed or option the graph has folded in)")
             layer = self.plan.layers[lname]
             weight = self._params[layer.weight].detach()
             bias = self._params[layer.bias].detach() if layer.bias else None
-            compiled = dataclasses.replace(cur, adapter=slot.name, tensors=padded, consts={**cur.consts, **cst})
+            compiled = dataclasses.replace(cur, adapter=slot.name, tensors=padded, consts=cur.consts)
             c = _delta(weight, bias, layer.kind, compiled, shared)
             t = _delta(weight, bias, layer.kind, sa, dict(ap.shared))
             cc, tt = float(c @ c), float(t @ t)
@@ -311,20 +308,16 @@ class Runtime:
             if abs(k - 1.0) > 1e-9 and lname not in slot.gates:
                 raise _Misfit(f"on layer '{lname}' its scale differs from the compiled one ({_opts(sa)} vs "
                               f"{_opts(cur)}) and the slot has no gate there")
-            params[lname], consts[lname], ratios[lname] = padded, cst, k
-        return params, {**consts, "": shared}, ratios
+            params[lname], ratios[lname] = padded, k
+        return params, shared, ratios
 
     def install(self, slot: Slot, new: Plan, name: str) -> None:
         """Fit, then copy the checkpoint's tensors into the slot (nothing changes when it does not fit)."""
-        params, consts, ratios = self.fit(slot, new, name)
-        shared = consts.pop("")
+        params, shared, ratios = self.fit(slot, new, name)
         with torch.no_grad():
             for lname, ps in params.items():
                 for p, t in ps.items():
                     dst = get_path(self.gm, slot.params[lname][p])
-                    dst.copy_(t.to(dst.dtype))
-                for c, t in consts[lname].items():
-                    dst = get_path(self.gm, slot.consts[lname][c])
                     dst.copy_(t.to(dst.dtype))
             for sname, t in shared.items():
                 dst = get_path(self.gm, slot.shared[sname])
@@ -373,7 +366,12 @@ def attach(gm: fx.GraphModule, plan: Plan, module: nn.Module, found: dict[str, s
                     raise PeftcError(f"adapter '{name}' does not fit its max_rank slot: {e}") from None
     rt.apply()
     gm.peftc_runtime = rt
-    gm.__class__ = type(gm.__class__.__name__, (RuntimeControl, gm.__class__), {})
+    # copy.deepcopy(gm) keeps it (a GraphModule's copy keeps only its graph, tensors and these)
+    gm.meta.setdefault(_PRESERVED, {})["peftc_runtime"] = rt
+    # a GraphModule's class is made per instance (torch.fx keeps its forward there): one more such class, under
+    # PeftcGraphModule, then recompile to put the forward on it; copy.deepcopy makes its copy's class the same way
+    gm.__class__ = type("GraphModuleImpl", (PeftcGraphModule,), {})
+    gm.recompile()
 
 
 # ---------------------------------------------------------------- the methods
@@ -396,7 +394,7 @@ class RuntimeControl:
                 rt.install(held[adapter_name], new, adapter_name)
             except _Misfit as e:
                 raise PeftcError(f"load_adapter: cannot hot swap '{adapter_name}' with {path}: {e}; compile with a "
-                                 "larger max_rank, or a spec with this checkpoint") from None
+                                 "larger max_rank, or a spec that declares this checkpoint") from None
             rt.apply()
             return
         if adapter_name in held or adapter_name in rt.merged:
@@ -486,3 +484,7 @@ class RuntimeControl:
                           f"'{remaining[0]}'", PeftcWarning, stacklevel=2)
             rt.active = [remaining[0]]
         rt.apply()
+
+
+class PeftcGraphModule(RuntimeControl, fx.GraphModule):
+    """The class of a GraphModule `peftc.compile` returns: an fx GraphModule with the run-time adapter methods."""

@@ -39,6 +39,10 @@ CHECKPOINTS = {   # name -> (config, seed); every name a checkpoint of its own
     "k": (lambda m: _lora(m, r=4, lora_alpha=8, target_modules=["k_proj"] if m == "llama" else ["c_proj"]), 8),
     "i": (lambda m: peft.IA3Config(target_modules=TARGETS[m], feedforward_modules=[], init_ia3_weights=False), 9),
     "i2": (lambda m: peft.IA3Config(target_modules=TARGETS[m], feedforward_modules=[], init_ia3_weights=False), 10),
+    "o": (lambda m: _lora(m, r=4, lora_alpha=8, use_dora=True), 11),
+    "o2": (lambda m: _lora(m, r=4, lora_alpha=8, use_dora=True), 12),
+    "v": (lambda m: peft.VeraConfig(r=8, target_modules=TARGETS[m], init_weights=False), 13),
+    "v2": (lambda m: peft.VeraConfig(r=4, target_modules=TARGETS[m], init_weights=False, projection_prng_key=3), 14),
 }
 
 
@@ -221,7 +225,7 @@ def test_random_calls_lora_and_loha_match_peft(model, ckpts):
     assert any(s.startswith("swap h") for s in log), log
 
 
-def test_state_dict_and_delete_like_peft(ckpts):
+def test_state_dict_and_delete_like_peft(ckpts, tmp_path):
     """get_adapter_state_dict gives peft's keys and tensors (at the checkpoint's own rank, not the padded
     one); deleting the active adapter makes the first remaining one active, as peft does."""
     model = "llama"
@@ -243,22 +247,49 @@ def test_state_dict_and_delete_like_peft(ckpts):
     oracle.set(["c", "a"])
     _same(gm, oracle, inputs_for(model), "set c, a")
     _state_dicts_equal(gm, pm, "c")
+    written = peftc.save_adapter(gm, tmp_path / "saved")     # the held adapters, no spare slot
+    assert sorted(p.name for p in written) == ["a", "c"]
+    reloaded = peft.PeftModel.from_pretrained(MODELS[model](), str(tmp_path / "saved" / "c")).eval()
+    assert max_diff(run_logits(reloaded, inputs_for(model)), run_logits(
+        peft.PeftModel.from_pretrained(MODELS[model](), str(ckpts(model, "c"))).eval(), inputs_for(model))) == 0.0
 
 
-def test_ia3_hot_swaps_but_cannot_switch_off(ckpts):
-    """An adapter that scales the weight (IA3) has no gate: hot swap (same shapes, same scale) works; turning it
-    off is an error that changes nothing."""
+@pytest.mark.parametrize("first,second", [("i", "i2"), ("o", "o2")], ids=["ia3", "dora"])
+def test_weight_scaling_adapters_hot_swap_but_cannot_switch_off(first, second, ckpts):
+    """An adapter that scales the weight (IA3, DoRA) has no gate: hot swap (same shapes, same scale) works;
+    turning it off is an error that changes nothing."""
     model = "llama"
-    gm = peftc.compile(_spec({"i": ckpts(model, "i")}), MODELS[model](), switchable=True)
+    gm = peftc.compile(_spec({"i": ckpts(model, first)}), MODELS[model](), switchable=True)
     x = inputs_for(model)
-    gm.load_adapter(ckpts(model, "i2"), adapter_name="i", hotswap=True)
-    want = run_logits(peft.PeftModel.from_pretrained(MODELS[model](), str(ckpts(model, "i2"))).eval(), x)
+    gm.load_adapter(ckpts(model, second), adapter_name="i", hotswap=True)
+    want = run_logits(peft.PeftModel.from_pretrained(MODELS[model](), str(ckpts(model, second))).eval(), x)
     assert max_diff(run_logits(gm, x), want) <= TOL
     for call in (gm.disable_adapters, lambda: gm.delete_adapter("i")):
         with pytest.raises(PeftcError, match="'i'.*(always on|no run-time gate)"):
             call()
         assert max_diff(run_logits(gm, x), want) <= TOL
     assert gm.active_adapters() == ["i"]
+
+
+def test_vera_slots_match_peft(ckpts):
+    """VeRA (shared projections, no alpha): hot swap to another rank and projection seed, a second VeRA in a
+    spare slot; each state equals peft's model of that checkpoint."""
+    model = "llama"
+    gm = peftc.compile(_spec({"v": ckpts(model, "v")}), MODELS[model](), max_adapters=2, max_rank=8)
+    x = inputs_for(model)
+
+    def peft_of(name: str):
+        return run_logits(peft.PeftModel.from_pretrained(MODELS[model](), str(ckpts(model, name))).eval(), x)
+
+    base = run_logits(MODELS[model](), x)
+    assert max_diff(run_logits(gm, x), peft_of("v")) <= TOL
+    gm.load_adapter(ckpts(model, "v2"), adapter_name="v", hotswap=True)
+    assert max_diff(run_logits(gm, x), peft_of("v2")) <= TOL
+    gm.load_adapter(ckpts(model, "v"), adapter_name="n")
+    gm.set_adapter("n")
+    assert max_diff(run_logits(gm, x), peft_of("v")) <= TOL
+    gm.disable_adapters()
+    assert max_diff(run_logits(gm, x), base) <= TOL < max_diff(peft_of("v"), base)
 
 
 def test_errors_are_clear_and_change_nothing(ckpts):
