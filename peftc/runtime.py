@@ -236,6 +236,9 @@ class Runtime:
                 raise PeftcError(f"{what}: adapter '{n}' is merged into the base weights (declared with `merge` or "
                                  "compiled with merge=True): it is a constant of the graph, always on; compile it "
                                  "unmerged to control it at run time")
+            if n not in held and n in self.plan.adapters:
+                raise PeftcError(f"{what}: adapter '{n}' is inactive in the spec and was not compiled; compile with "
+                                 "switchable=True to switch it on at run time")
             if n not in held:
                 known = ", ".join(held) or "none"
                 raise PeftcError(f"{what}: no adapter named '{n}'; this module holds: {known}")

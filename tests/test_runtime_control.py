@@ -335,6 +335,9 @@ def test_merged_and_not_switchable_graphs_say_so(ckpts):
     assert plain.active_adapters() == ["a", "b"]
     with pytest.raises(PeftcError, match="'a' is compiled without run-time gates \\(compile with switchable=True\\)"):
         plain.set_adapter("b")
+    one = peftc.compile(_spec({"a": ckpts(model, "a"), "b": ckpts(model, "b")}) + "active a\n", MODELS[model]())
+    with pytest.raises(PeftcError, match="'b' is inactive in the spec and was not compiled; compile with switchable"):
+        one.set_adapter("b")
     with pytest.raises(PeftcError, match="merge=True folds every adapter"):
         peftc.compile(_spec({"a": ckpts(model, "a")}), MODELS[model](), merge=True, switchable=True)
     with pytest.raises(PeftcError, match="max_rank = 8, but adapter 'big' has r = 16"):
