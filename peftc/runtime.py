@@ -176,13 +176,14 @@ class _Misfit(Exception):
     """A checkpoint that does not fit a slot (the message says why)."""
 
 
-def _delta(weight: torch.Tensor, bias: torch.Tensor | None, kind: str, sa: SiteAdapter,
+def _delta(weight64: torch.Tensor, bias64: torch.Tensor | None, kind: str, sa: SiteAdapter,
            shared: dict[str, torch.Tensor]) -> torch.Tensor:
-    w, b = fold_layer(weight, bias, kind, [dataclasses.replace(sa, active=True)], {sa.adapter: shared},
+    """The update (W' - W, b' - b) one adapter makes to a layer, flattened, in fp64."""
+    w, b = fold_layer(weight64, bias64, kind, [dataclasses.replace(sa, active=True)], {sa.adapter: shared},
                       dtype=torch.float64)
-    parts = [(w - weight.to(torch.float64)).flatten()]
+    parts = [(w - weight64).flatten()]
     if b is not None:
-        parts.append((b - (bias.to(torch.float64) if bias is not None else 0)).flatten())
+        parts.append((b - bias64 if bias64 is not None else b).flatten())
     return torch.cat(parts)
 
 
@@ -296,16 +297,22 @@ class Runtime:
                 if t is None or t.shape != compiled_const.shape or not torch.equal(t, compiled_const):
                     raise _Misfit(f"its plan-time constant '{c}' on layer '{lname}' differs from the compiled one "
                                   "(a seed or option the graph has folded in)")
+            same_shapes = all(sa.tensors[p].shape == s for p, s in shapes.items()) and all(
+                ap.shared[n].shape == t.shape for n, t in shared.items())
+            if same_shapes and sa.layer_options == cur.layer_options:
+                # the compiled program at the same options on tensors of the same shapes: the same update
+                params[lname], ratios[lname] = padded, 1.0
+                continue
             layer = self.plan.layers[lname]
-            weight = self._params[layer.weight].detach()
-            bias = self._params[layer.bias].detach() if layer.bias else None
-            compiled = dataclasses.replace(cur, adapter=slot.name, tensors=padded, consts=cur.consts)
+            weight = self._params[layer.weight].detach().double()
+            bias = self._params[layer.bias].detach().double() if layer.bias else None
+            compiled = dataclasses.replace(cur, adapter=slot.name, tensors=padded)
             c = _delta(weight, bias, layer.kind, compiled, shared)
             t = _delta(weight, bias, layer.kind, sa, dict(ap.shared))
             cc, tt = float(c @ c), float(t @ t)
             k = float(t @ c) / cc if cc > 0 else 1.0
             resid = float((t - k * c).norm()) if cc > 0 else tt ** 0.5
-            if resid > 1e-6 * tt ** 0.5 + 1e-9 * float(weight.double().norm()):
+            if resid > 1e-6 * tt ** 0.5 + 1e-9 * float(weight.norm()):
                 raise _Misfit(f"on layer '{lname}' the compiled form ({_opts(cur)}) cannot reproduce its update "
                               f"({_opts(sa)}): they differ beyond a scale")
             if abs(k - 1.0) > 1e-9 and lname not in slot.gates:
