@@ -7,6 +7,7 @@ checkpoints with random weights. Each operation is timed `--rounds` times (media
   compiled module's `set_adapter`, which writes gate buffers);
 - hot swap: replace the active adapter's weights with another checkpoint (peft: `peft.utils.hotswap.hotswap_adapter`;
   peftc: `load_adapter(..., hotswap=True)`, which reads, plans and checks the checkpoint, then copies in place);
+  and (peftc only) a checkpoint of another rank and alpha, which peftc checks layer by layer on the dense update;
 - load: a new adapter from its checkpoint folder (peft: `load_adapter`; peftc: `load_adapter` into a spare slot),
   then deleted again (not timed);
 - the first forward after a hot swap under `torch.compile` (peftc; no recompilation), next to a steady forward.
@@ -77,8 +78,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         tmp = Path(tmp)
         dirs = []
-        for i in range(3):
-            cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+        for i in range(4):   # a3: another rank and alpha (zero-padded into the rank-16 slot; scale in its gates)
+            r, alpha = (16, 32) if i < 3 else (8, 4)
+            cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", init_lora_weights=False)
             pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
             randomize_adapter_(pm, seed=100 + i, scale=0.02)
             pm.save_pretrained(str(tmp / f"a{i}"))
@@ -104,6 +106,9 @@ def main() -> None:
         rows["hot swap"] = (_ms(lambda i: hotswap_adapter(pm, str(dirs[2 - i % 2]), adapter_name="a"), rounds),
                             _ms(lambda i: gm.load_adapter(dirs[2 - i % 2], adapter_name="a", hotswap=True), rounds))
         check("hot swap")
+        rows["hot swap, another rank and alpha (checked dense, fp64)"] = (
+            None, _ms(lambda i: gm.load_adapter(dirs[3 - i % 2], adapter_name="a", hotswap=True), rounds))
+        gm.load_adapter(dirs[2], adapter_name="a", hotswap=True)
 
         def drop(i: int) -> None:
             if "n" in pm.peft_config:
@@ -135,7 +140,7 @@ def main() -> None:
              f"(max_adapters=3, max_rank=16) {compile_s:.1f}s. Outputs vs peft after each switch: max abs diff "
              f"{max(diffs.values()):.1e}.", "",
              "| operation | peft (ms) | peftc (ms) |", "|---|---:|---:|"]
-    lines += [f"| {k} | {p:.2f} | {c:.2f} |" for k, (p, c) in rows.items()]
+    lines += [f"| {k} | {'-' if p is None else f'{p:.2f}'} | {c:.2f} |" for k, (p, c) in rows.items()]
     if compiled:
         lines += ["", "| peftc under torch.compile (inductor), no recompilation | ms |", "|---|---:|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in compiled.items()]
