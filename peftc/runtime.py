@@ -304,8 +304,9 @@ class Runtime:
                 params[lname], ratios[lname] = padded, 1.0
                 continue
             layer = self.plan.layers[lname]
-            weight = self._params[layer.weight].detach().double()
-            bias = self._params[layer.bias].detach().double() if layer.bias else None
+            # checked on the CPU, where the checkpoint's tensors are (the graph may be on an accelerator)
+            weight = self._params[layer.weight].detach().to("cpu", torch.float64)
+            bias = self._params[layer.bias].detach().to("cpu", torch.float64) if layer.bias else None
             compiled = dataclasses.replace(cur, adapter=slot.name, tensors=padded)
             c = _delta(weight, bias, layer.kind, compiled, shared)
             t = _delta(weight, bias, layer.kind, sa, dict(ap.shared))
