@@ -1,6 +1,9 @@
 """The compile pipeline: spec + model -> plan -> traced graph -> passes -> adapted GraphModule.
 
-    strip -> insert -> fold -> factor -> stack -> rejoin -> cse -> fuse -> dce
+    strip -> insert -> fold -> factor -> gate -> stack -> rejoin -> cse -> fuse -> dce
+
+`gate` (run-time adapter control, `switchable=True`) multiplies each switchable adapter's branches by a gate
+buffer; without `switchable` it changes nothing.
 
 `strip` first removes torch.export's bookkeeping (metadata asserts, identity casts) and makes the graph follow
 its parameters' dtype, so every later pass (and `--dump-after`) sees the model's own computation.
@@ -35,6 +38,7 @@ from peftc.rewrite.explain import dense_layers, describe
 from peftc.rewrite.factor import factor
 from peftc.rewrite.fold_frozen import fold_frozen
 from peftc.rewrite.fuse_shared_input import fuse_shared_input
+from peftc.rewrite.gate_adapters import gate_adapters
 from peftc.rewrite.insert_adapters import insert_adapters
 from peftc.rewrite.rejoin_dense import rejoin_dense
 from peftc.rewrite.stack_adapters import IDS, stack_adapters
@@ -45,7 +49,7 @@ from peftc.spec.parse import parse_spec, read_spec
 from peftc.trace import trace
 
 _PRESERVED = "_user_preserved_attributes"   # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
-PASSES = ("strip", "insert", "fold", "factor", "stack", "rejoin", "cse", "fuse", "dce")
+PASSES = ("strip", "insert", "fold", "factor", "gate", "stack", "rejoin", "cse", "fuse", "dce")
 
 
 @dataclass
@@ -121,7 +125,8 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
                   example_inputs: list[str] | dict[str, torch.Tensor] | None = None,
                   dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0,
                   observe: Callable[[str, fx.GraphModule], None] | None = None,
-                  adapter_ids: bool = False) -> Compiled:
+                  adapter_ids: bool = False, switchable: bool = False, max_adapters: int | None = None,
+                  max_rank: int | None = None) -> Compiled:
     if dump_after is not None and dump_after not in PASSES:
         raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
     sp = expand_combinations(load_spec(spec))   # combinations computed once, before the model loads
@@ -131,8 +136,19 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
     with step("Loading model"):
         loaded = load_model(model, example_inputs)
         loaded.module = with_replication(sp, loaded.module)   # peft's layer_replication: a view, weights shared
+    switchable = switchable or max_adapters is not None or max_rank is not None
+    if switchable and (merge or adapter_ids):
+        raise PeftcError("switchable / max_adapters / max_rank: " + ("merge=True folds every adapter into the "
+                         "weights, so there is nothing to switch" if merge else "a per-row choice (adapter_ids) "
+                         "and run-time switching are not combined yet; choose one"))
+    skel = true_plan = None
     with step("Planning adapters"):
         plan = build_plan(sp, loaded.module, merge_all=merge, train=train, seed=seed)
+        if switchable:   # compile a skeleton: every additive adapter live, spare slots, ranks at max_rank
+            from peftc.runtime import skeleton
+            true_plan = plan
+            skel = skeleton(sp, true_plan, max_adapters, max_rank)
+            plan = build_plan(skel.spec, loaded.module, train=train, seed=seed)
     selectable = list(sp.adapters) if adapter_ids else None
     if adapter_ids:
         with_mts = [a for a, ap in plan.adapters.items() if ap.modules_to_save]
@@ -146,11 +162,13 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
     manifest = Manifest(base_model_name_or_path=base_model_name(loaded))
     rule_log: list[str] = []
     rule_hits: Counter = Counter()
+    gated_at: dict[str, set[str]] = {}
     passes = {
         "strip": strip_bookkeeping(),
         "insert": insert_adapters(plan, manifest),
         "fold": fold_frozen(manifest),
         "factor": factor(library().checked().rules, rule_log, rule_hits),
+        "gate": gate_adapters(skel.gated if skel else None, manifest, gated_at),
         "stack": stack_adapters(selectable, live, rule_log, rule_hits),
         "rejoin": rejoin_dense(),
         "cse": eliminate_common_subexpressions(),
@@ -173,12 +191,16 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
                                                ("peftc", "peftc_inputs", "peftc_axes", "peftc_layer_kinds")})
     add_optional_inputs(gm)
     gm.train(train)
+    if not merge:   # load_adapter, set_adapter, ... (peftc.runtime)
+        from peftc.runtime import attach
+        attach(gm, plan, loaded.module, gated_at, skel, true_plan)
     return Compiled(gm, plan, loaded, rule_log=rule_log, rule_hits=rule_hits, dense_layers=dense)
 
 
 def compile(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
             example_inputs: list[str] | dict[str, torch.Tensor] | None = None, seed: int = 0,
-            adapter_ids: bool = False) -> fx.GraphModule:
+            adapter_ids: bool = False, switchable: bool = False, max_adapters: int | None = None,
+            max_rank: int | None = None) -> fx.GraphModule:
     """Compile `spec` onto `model` and return the adapted fx GraphModule.
 
     `spec`: a .peft path, spec text, or Spec. `model`: an nn.Module or any MODEL reference the CLI takes.
@@ -186,6 +208,14 @@ def compile(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = Fa
     is returned in training mode; unmerged adapter tensors require grad either way, base weights never do).
     `adapter_ids`: the graph takes one more input, `adapter_ids` (int64, [batch]): row b runs the spec's
     `adapter_ids[b]`-th adapter (declaration order), -1 the base model.
+
+    The module has transformers' adapter methods (`load_adapter`, `set_adapter`, `disable_adapters`,
+    `enable_adapters`, `active_adapters`, `get_adapter_state_dict`, `delete_adapter`; see `peftc.runtime`).
+    `switchable`: every additive adapter is compiled live behind a gate, so those calls switch adapters without
+    retracing; `max_adapters`: how many adapters the module can hold at once (spare slots take the spec's first
+    switchable adapter's method and targets); `max_rank`: the rank (option `r`) every slot is compiled at, so
+    checkpoints of any rank up to it load or hot swap. Either implies `switchable`.
     """
     return compile_model(spec, model, merge=merge, train=train, example_inputs=example_inputs, seed=seed,
-                         adapter_ids=adapter_ids).gm
+                         adapter_ids=adapter_ids, switchable=switchable, max_adapters=max_adapters,
+                         max_rank=max_rank).gm
