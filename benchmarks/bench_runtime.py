@@ -15,10 +15,10 @@ checkpoints with random weights. Each operation is timed `--rounds` times (media
 Outputs are checked against peft after each kind of switch. (Re-creating an onnxruntime session for another
 adapter is measured with the ONNX adapter files, in the onnxruntime part of this benchmark.)
 
-    python benchmarks/bench_switch.py            # 10 rounds
-    python benchmarks/bench_switch.py --quick    # 3 rounds, no torch.compile
+    python benchmarks/bench_runtime.py            # 10 rounds
+    python benchmarks/bench_runtime.py --quick    # 3 rounds, no torch.compile
 
-Writes benchmarks/results/switch.md and switch.json.
+Writes benchmarks/results/runtime.md and runtime.json.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def main() -> None:
                     gm.load_adapter(dirs[i % 2], adapter_name="n", hotswap=True)
                 compiled["first forward after a hot swap"] = _ms(lambda i: fast(**x), rounds, swap)
     meta = versions()
-    lines = ["# Switching adapters at run time (`benchmarks/bench_switch.py`)", "",
+    lines = ["# Switching adapters at run time (`benchmarks/bench_runtime.py`)", "",
              f"small-llama, LoRA r=16 on every linear layer; median of {rounds} rounds; peftc compile "
              f"(max_adapters=3, max_rank=16) {compile_s:.1f}s. Outputs vs peft after each switch: max abs diff "
              f"{max(diffs.values()):.1e}.", "",
@@ -146,8 +146,8 @@ def main() -> None:
         lines += [f"| {k} | {v:.2f} |" for k, v in compiled.items()]
     lines += ["", f"{meta['machine']}; torch {meta['torch']}, peft {meta['peft']}."]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "switch.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "switch.json").write_text(json.dumps({"rounds": rounds, "compile_s": compile_s, "diffs": diffs,
+    (RESULTS / "runtime.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "runtime.json").write_text(json.dumps({"rounds": rounds, "compile_s": compile_s, "diffs": diffs,
                                                      "ms": {k: {"peft": p, "peftc": c} for k, (p, c) in rows.items()},
                                                      "compiled_ms": compiled, "versions": meta}, indent=2) + "\n")
     print("\n".join(lines))
