@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
 
 from peftc.errors import PeftcError
 from peftc.library import Library, library
@@ -42,7 +43,8 @@ from peftc.rewrite.strip_bookkeeping import strip_bookkeeping
 from peftc.spec.combinations import expand_combinations
 from peftc.spec.model import Spec
 from peftc.spec.parse import parse_spec, read_spec
-from peftc.trace import trace
+from peftc.switchable import check_switchable, free_dims, switchable_spec
+from peftc.trace import base_forward, trace
 
 _PRESERVED = "_user_preserved_attributes"   # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
 PASSES = ("strip", "insert", "fold", "factor", "stack", "rejoin", "cse", "fuse", "dce")
@@ -121,19 +123,27 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
                   example_inputs: list[str] | dict[str, torch.Tensor] | None = None,
                   dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0,
                   observe: Callable[[str, fx.GraphModule], None] | None = None,
-                  adapter_ids: bool = False) -> Compiled:
+                  adapter_ids: bool = False, adapters_as_inputs: bool = False) -> Compiled:
     if dump_after is not None and dump_after not in PASSES:
         raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
     sp = expand_combinations(load_spec(spec))   # combinations computed once, before the model loads
     check_spec(sp)
     if adapter_ids:
         sp = selectable_spec(sp, merge)
+    if adapters_as_inputs:
+        if adapter_ids:
+            raise PeftcError("--adapters-as-inputs and --adapter-ids do not go together: onnxruntime activates "
+                             "one set of adapter files per run, for every row")
+        sp = switchable_spec(sp, merge)
     with step("Loading model"):
         loaded = load_model(model, example_inputs)
         loaded.module = with_replication(sp, loaded.module)   # peft's layer_replication: a view, weights shared
     with step("Planning adapters"):
         plan = build_plan(sp, loaded.module, merge_all=merge, train=train, seed=seed)
     selectable = list(sp.adapters) if adapter_ids else None
+    if adapters_as_inputs:
+        check_switchable(plan)
+        free = free_dims(plan)
     if adapter_ids:
         with_mts = [a for a, ap in plan.adapters.items() if ap.modules_to_save]
         if with_mts:
@@ -157,6 +167,8 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         "fuse": fuse_shared_input(manifest),
         "dce": eliminate_dead_code(manifest),
     }
+    if adapters_as_inputs:   # `fuse` concatenates A's and splits at fixed ranks: the ranks must stay free
+        passes["fuse"] = lambda g: PassResult(g, False)
     for name in PASSES:
         with step(f"Pass {name}"):
             gm = passes[name](gm).graph_module
@@ -172,13 +184,20 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
     gm.meta.setdefault(_PRESERVED, {}).update({k: getattr(gm, k) for k in
                                                ("peftc", "peftc_inputs", "peftc_axes", "peftc_layer_kinds")})
     add_optional_inputs(gm)
+    if adapters_as_inputs:
+        gm.peftc_switchable = True
+        gm.peftc_free_dims = free
+        gm.meta[_PRESERVED].update(peftc_switchable=True, peftc_free_dims=free)
+        # the base model, for the check that a run without adapter files gives its outputs (not a submodule)
+        gm.__dict__["peftc_base"] = base_forward(loaded.module, list(loaded.inputs))
+        gm.__dict__["peftc_model_ref"] = model if isinstance(model, str) else None
     gm.train(train)
     return Compiled(gm, plan, loaded, rule_log=rule_log, rule_hits=rule_hits, dense_layers=dense)
 
 
 def compile(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
             example_inputs: list[str] | dict[str, torch.Tensor] | None = None, seed: int = 0,
-            adapter_ids: bool = False) -> fx.GraphModule:
+            adapter_ids: bool = False, adapters_as_inputs: bool = False) -> fx.GraphModule:
     """Compile `spec` onto `model` and return the adapted fx GraphModule.
 
     `spec`: a .peft path, spec text, or Spec. `model`: an nn.Module or any MODEL reference the CLI takes.
@@ -186,6 +205,9 @@ def compile(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = Fa
     is returned in training mode; unmerged adapter tensors require grad either way, base weights never do).
     `adapter_ids`: the graph takes one more input, `adapter_ids` (int64, [batch]): row b runs the spec's
     `adapter_ids[b]`-th adapter (declaration order), -1 the base model.
+    `adapters_as_inputs`: every declared adapter stays live with its tensors free to become ONNX inputs
+    (`export_onnx(gm, path, adapters_as_inputs=True)`: onnxruntime's `.onnx_adapter` convention); additive
+    methods only.
     """
     return compile_model(spec, model, merge=merge, train=train, example_inputs=example_inputs, seed=seed,
-                         adapter_ids=adapter_ids).gm
+                         adapter_ids=adapter_ids, adapters_as_inputs=adapters_as_inputs).gm
