@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from peftc.errors import PeftcError
 from peftc.manifest import Manifest
-from peftc.rewrite.graph_tools import get_path
+from peftc.rewrite.graph_tools import TAG, get_path
 
 aten = torch.ops.aten
 _SCALES = {aten.mul.Tensor, aten.div.Tensor, operator.mul, operator.truediv}
@@ -113,6 +113,7 @@ class AdapterInput:
     scaled: bool           # the input is the tensor times a constant (the file holds the scaled tensor)
     value: torch.Tensor    # this adapter's value (scaled where `scaled`)
     free: tuple[int, ...] = ()   # dims that may differ between adapter files (0 in the default)
+    rank0: bool = True           # the default has the free dims 0 (else: zeros of the value's shape)
 
     def default(self) -> torch.Tensor:
         """The "no adapter" value: free dims 0, zeros."""
@@ -156,7 +157,7 @@ def input_name(adapter: str, layer: str | None, key: str, path: str, single: boo
 class Lifted:
     module: nn.Module                  # forward(**model inputs, **adapter inputs) -> the model's outputs
     inputs: list[AdapterInput]
-    fingerprint: str                   # hash of the graph's code and its constant adapter-derived tensors
+    fingerprints: dict[str, str]       # adapter -> hash of its graph constants (see _fingerprints)
 
 
 class _Wrapper(nn.Module):
@@ -248,7 +249,7 @@ def lift(gm: fx.GraphModule, single: bool | None = None) -> Lifted:
         if hasattr(gm, attr):
             setattr(inner, attr, getattr(gm, attr))
     order = [str(n.target) for n in placeholders] + [ident(ai.name) for ai in lifted]
-    return Lifted(_Wrapper(inner, order, out_spec), lifted, _fingerprint(inner, manifest))
+    return Lifted(_Wrapper(inner, order, out_spec), lifted, _fingerprints(inner, manifest, lifted))
 
 
 def ident(name: str) -> str:
@@ -256,16 +257,27 @@ def ident(name: str) -> str:
     return "adapter_input_" + "".join(c if c.isalnum() else "_" for c in name)
 
 
-def _fingerprint(inner: fx.GraphModule, manifest: Manifest) -> str:
-    """What must be equal for an adapter file to fit the graph: its code, and every constant tensor peftc added
-    (plan-time constants such as frequency locations), but not the adapter inputs nor the base weights."""
-    h = hashlib.sha256(inner.code.encode())
+def _fingerprints(inner: fx.GraphModule, manifest: Manifest, lifted: list[AdapterInput]) -> dict[str, str]:
+    """adapter -> what must be equal for another adapter file to fill its inputs: the numbers in the graph that
+    act on that adapter's inputs alone (a scale left in the graph, such as LoHa's alpha / r: the ops peftc
+    inserted that depend on its inputs and on no other adapter's, with their numeric arguments), and its plan-time
+    constant tensors (frequency locations); not its inputs, nor the base weights."""
+    parts: dict[str, list[str]] = {name: [] for name in manifest.adapters}
+    owner_of = {ident(ai.name): ai.adapter for ai in lifted}
+    deps: dict[fx.Node, frozenset[str]] = {}
     for n in inner.graph.nodes:
+        if n.op == "placeholder":
+            deps[n] = frozenset([owner_of[n.target]]) if n.target in owner_of else frozenset()
+            continue
+        deps[n] = frozenset().union(*(deps[a] for a in n.all_input_nodes)) if n.all_input_nodes else frozenset()
+        numbers = [repr(a) for a in pytree.tree_leaves((n.args, n.kwargs))
+                   if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        if n.op == "call_function" and TAG in n.meta and len(deps[n]) == 1 and numbers:
+            parts[next(iter(deps[n]))].append(f"{getattr(n.target, '__name__', n.target)}({', '.join(numbers)})")
         if n.op == "get_attr" and n.target in manifest.registered:
             t = get_path(inner, n.target)
-            if isinstance(t, torch.Tensor):
-                h.update(n.target.encode())
-                h.update(str((tuple(t.shape), t.dtype)).encode())
-                h.update(t.detach().contiguous().view(-1).to(torch.float64).numpy().tobytes()
-                         if t.numel() < 1_000_000 else b"")
-    return h.hexdigest()[:16]
+            owner = next((a for a in parts if f".{a}." in f".{n.target}." or n.target.endswith(f".{a}")), None)
+            if owner is not None and isinstance(t, torch.Tensor) and t.numel() < 1_000_000:
+                digest = hashlib.sha256(t.detach().contiguous().view(-1).to(torch.float64).numpy().tobytes())
+                parts[owner].append(f"const{tuple(t.shape)}:{digest.hexdigest()[:12]}")
+    return {a: hashlib.sha256("\n".join(sorted(p)).encode()).hexdigest()[:16] for a, p in parts.items()}

@@ -117,7 +117,12 @@ def run_with_adapters(sess: Any, feeds: dict[str, np.ndarray], files: list[Path]
         ad.Load(str(f))
         ro.add_active_adapter(ad)
         keep.append(ad)
-    return sess.run(None, feeds, ro)
+    try:
+        return sess.run(None, feeds, ro)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's Fail, InvalidArgument, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        with_files = ", ".join(str(f) for f in files) or "no adapter file"
+        raise PeftcError(f"onnxruntime could not run the model with {with_files}: {first}") from None
 
 
 def _diff(got: list[np.ndarray], want: list[torch.Tensor], what: str) -> float:
@@ -172,6 +177,38 @@ def _check(gm: fx.GraphModule, lifted: Lifted, model: Path, files: dict[str, Pat
     return result
 
 
+def choose_defaults(gm: fx.GraphModule, lifted: Lifted, inputs: dict[str, torch.Tensor], tol: float = 1e-4) -> None:
+    """Each adapter's "no adapter" default: its free dims at 0 where the graph then gives the base model (in torch),
+    else zeros of its own shapes (a free dim that is not a rank, such as MiSS's block size: the run then costs what
+    the adapter's does). An error when neither gives the base model."""
+    base = getattr(gm, "peftc_base", None)
+    if base is None:
+        return
+    with torch.no_grad():
+        want = flat_outputs(base(**inputs))
+
+        def gives_base(rank0: set[str]) -> bool:
+            feed = {ai.name: ai.default() if ai.adapter in rank0 else torch.zeros_like(ai.value)
+                    for ai in lifted.inputs}
+            try:
+                got = flat_outputs(lifted.module.run(inputs, feed))
+            except Exception:  # noqa: BLE001 - a shape the graph cannot take
+                return False
+            return all(g.shape == w.shape and (not g.is_floating_point() or float((g - w).abs().max()) <= tol)
+                       for g, w in zip(got, want))
+
+        if not gives_base(set()):
+            bad = gm.peftc.adapters
+            raise PeftcError("--adapters-as-inputs: with zeros for every adapter tensor the graph does not give the "
+                             f"base model ({', '.join(f'{a}: {r.method}' for a, r in bad.items())}): these methods "
+                             "cannot be switchable")
+        for name in {ai.adapter for ai in lifted.inputs}:
+            keep = gives_base({name})
+            for ai in lifted.inputs:
+                if ai.adapter == name:
+                    ai.rank0 = keep and bool(ai.free)
+
+
 def export_switchable(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None, *,
                       check: bool = True, tol: float = 1e-4) -> SwitchExport:
     """Write `path` (.onnx) with the adapters' tensors as inputs, and `<adapter>.onnx_adapter` beside it for each
@@ -183,6 +220,7 @@ def export_switchable(gm: fx.GraphModule, path: str | Path, inputs: dict[str, to
     lifted = lift(gm)
     lifted.module.inner = fold_for_export(lifted.module.inner)
     lifted.module.eval()
+    choose_defaults(gm, lifted, inputs)
     nbytes = sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))
     external = nbytes > TWO_GB
     was = gm.training
@@ -218,14 +256,14 @@ def export_switchable(gm: fx.GraphModule, path: str | Path, inputs: dict[str, to
                                  f"{ai.free} of '{ai.key}' on '{ai.layer}' (its rank), so no "
                                  "file of another rank, nor a rank-0 default, would fit: this method cannot be "
                                  "switchable")
-            defaults[ai.name] = ai.default().numpy()
+            defaults[ai.name] = ai.default().numpy() if ai.rank0 else np.zeros_like(ai.value.numpy())
             proto.graph.initializer.append(onnx.numpy_helper.from_array(defaults[ai.name], ai.name))
             records.append({"name": ai.name, "adapter": ai.adapter, "layer": ai.layer, "key": ai.key,
                             "scaled": ai.scaled, "dtype": str(ai.value.dtype).removeprefix("torch."),
                             "shape": [None if i in ai.free else int(d) for i, d in enumerate(ai.value.shape)]})
         methods = {name: rec.method for name, rec in gm.peftc.adapters.items()}
         meta = {META_INPUTS: json.dumps(records), META_ADAPTERS: json.dumps(methods),
-                META_FINGERPRINT: lifted.fingerprint}
+                META_FINGERPRINT: json.dumps(lifted.fingerprints)}
         ref = getattr(gm, "peftc_model_ref", None)
         if ref:
             meta[META_MODEL] = ref
@@ -260,7 +298,7 @@ class ModelAdapters:
     path: Path
     inputs: list[dict[str, Any]]
     adapters: dict[str, str]        # adapter (slot) -> method
-    fingerprint: str
+    fingerprints: dict[str, str]    # adapter -> what another file for it must share with it
     model: str | None
 
 
@@ -279,7 +317,7 @@ def read_model_adapters(path: str | Path) -> ModelAdapters:
                          "`peftc export SPEC MODEL --adapters-as-inputs`)")
     try:
         return ModelAdapters(path, json.loads(meta[META_INPUTS]), json.loads(meta[META_ADAPTERS]),
-                             meta.get(META_FINGERPRINT, ""), meta.get(META_MODEL))
+                             json.loads(meta.get(META_FINGERPRINT, "{}")), meta.get(META_MODEL))
     except (json.JSONDecodeError, KeyError) as e:
         raise PeftcError(f"--like {path}: its peftc metadata is damaged ({e})") from None
 
@@ -344,7 +382,7 @@ def export_adapter(adapter_dir: str | Path, like: str | Path, output: str | Path
             raise PeftcError(f"{adapter_dir}: tensor '{ai.key}' of layer '{ai.layer}' is "
                              f"{str(ai.value.dtype).removeprefix('torch.')}, the model's input '{ai.name}' "
                              f"{r['dtype']}")
-    if info.fingerprint and lifted.fingerprint != info.fingerprint:
+    if adapter in info.fingerprints and lifted.fingerprints.get(adapter) != info.fingerprints[adapter]:
         raise PeftcError(f"{adapter_dir}: its options change the model's graph, not only its adapter tensors (for "
                          f"{method}, options such as alpha / r or a frequency seed are constants of the graph "
                          f"{info.path} was exported with); export a model from this checkpoint instead")
