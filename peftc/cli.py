@@ -581,19 +581,22 @@ def _export_switchable(args: argparse.Namespace, gm: object, summary: str, t_com
     from peftc.emit.onnx_adapters import export_switchable
     done = export_switchable(gm, args.output, check=not args.no_check, tol=args.tol)
     files = ", ".join(str(f) for f in done.adapters.values())
-    _result(f"wrote {args.output}: {summary}; {len(done.inputs)} adapter inputs, adapter files {files} "
+    _result(f"wrote {args.output}: {summary}; {len(done.inputs)} adapter inputs; wrote {files} "
             f"(compile {t_compile:.1f}s, total {time.perf_counter() - T0:.1f}s)")
     if done.check is not None:
         c = done.check
         shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in c.input_shapes.items())
-        each = ", ".join(f"{n} {d:.2e}" for n, d in c.adapter_diffs.items())
-        _result(f"onnxruntime check ({shapes}), one session: no adapter vs the base model {c.base_diff:.2e}; "
-                f"each adapter file vs torch: {each}")
+        _result(f"onnxruntime check, one session ({shapes}): no adapter file: max abs diff {c.base_diff:.2e} vs "
+                "the base model")
+        for name, d in c.adapter_diffs.items():
+            _result(f"onnxruntime check, one session: {done.adapters[name].name}: max abs diff {d:.2e} vs torch")
     return 0
 
 
 def _export_adapter(args: argparse.Namespace) -> int:
     """`peftc export-adapter DIR --like MODEL.onnx -o OUT.onnx_adapter`."""
+    from pathlib import Path
+
     from peftc.progress import step
     with step("Loading torch and the compiler"):
         import peftc.pipeline  # noqa: F401
@@ -609,7 +612,8 @@ def _export_adapter(args: argparse.Namespace) -> int:
     _result(f"wrote {args.output}: {done['inputs']} adapter tensors for {args.like} "
             f"(total {time.perf_counter() - T0:.1f}s)")
     if done["diff"] is not None:
-        _result(f"onnxruntime check: max abs diff {done['diff']:.2e} vs the checkpoint in torch")
+        _result(f"onnxruntime check: {args.like} with {Path(args.output).name}: max abs diff {done['diff']:.2e} vs "
+                "the checkpoint in torch")
     return 0
 
 
