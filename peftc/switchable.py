@@ -147,10 +147,11 @@ def _scale_of(node: fx.Node) -> fx.Node | None:
 
 def input_name(adapter: str, layer: str | None, key: str, path: str, single: bool) -> str:
     """Olive's name (`model.layers.0.self_attn.q_proj.lora_A.weight`: the layer path and peft's saved key) when
-    the spec has one adapter; peft's in-memory name (with the adapter name) when it has several."""
-    if not single:
-        return path
-    return key if layer is None else f"{layer}.{key}"
+    the spec has one adapter; peft's in-memory name (with the adapter name) when it has several. An adapter-level
+    tensor: its key (`vera_A`), with `.<adapter>` when there are several."""
+    if layer is None:   # an adapter-level tensor: peft keeps it at base_model.<key>[adapter]
+        return key if single else f"{key}.{adapter}"
+    return f"{layer}.{key}" if single else path
 
 
 @dataclass

@@ -34,6 +34,15 @@ CONFIGS = {
     "h2": lambda: peft.LoHaConfig(r=3, alpha=9, target_modules=["q_proj", "up_proj"], init_weights=False),
     "k": lambda: peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["k_proj"]),
 }
+# other additive methods, each on its own layers, all in one model (each file alone vs that method in peft)
+METHODS = {
+    "lokr": lambda: peft.LoKrConfig(r=2, alpha=6, target_modules=["k_proj"], decompose_both=True),
+    "adalora": lambda: peft.AdaLoraConfig(init_r=6, target_r=4, lora_alpha=12, total_step=10,
+                                          target_modules=["v_proj"]),
+    "vera": lambda: peft.VeraConfig(r=8, target_modules=["o_proj"]),
+    "miss": lambda: peft.MissConfig(r=8, target_modules=["gate_proj"]),
+    "delora": lambda: peft.DeloraConfig(r=4, delora_lambda=5, target_modules=["up_proj"]),
+}
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +55,21 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
         pm.save_pretrained(str(tmp / name))
         out[name] = tmp / name
     return out
+
+
+@pytest.fixture(scope="session")
+def methods(tmp_path_factory):
+    """(checkpoint dirs, export) of a model with one adapter per method of METHODS."""
+    tmp = tmp_path_factory.mktemp("methods")
+    dirs = {}
+    for i, (name, make) in enumerate(METHODS.items()):
+        pm = peft.get_peft_model(copy.deepcopy(MODELS["llama"]()), make()).eval()
+        randomize_(pm, seed=40 + i)
+        pm.save_pretrained(str(tmp / name))
+        dirs[name] = tmp / name
+    spec = "".join(f'adapter {n}: import "{d}"\n' for n, d in dirs.items())
+    gm = peftc.compile(spec, MODELS["llama"](), adapters_as_inputs=True)
+    return dirs, peftc.export_onnx(gm, tmp / "model.onnx", adapters_as_inputs=True)
 
 
 @pytest.fixture(scope="session")
@@ -209,3 +233,29 @@ def test_cli_refusals(tmp_path, capsys, single):
     assert main(["export", str(spec), "tiny-llama", "--adapters-as-inputs", "--adapter-ids", "-o",
                  str(tmp_path / "m.onnx")]) == 1
     assert "--adapters-as-inputs and --adapter-ids do not go together" in capsys.readouterr().err
+
+
+def test_other_additive_methods_switch(methods):
+    """LoKr, AdaLoRA, VeRA, MiSS, DeLoRA: each file alone, in one session, vs peft with that adapter; none vs base."""
+    dirs, done = methods
+    inputs = inputs_for("llama", batch=2, seq=7)
+    sess = adapter_session(done.model)
+    base = None
+    for name, d in dirs.items():
+        pm = peft.PeftModel.from_pretrained(MODELS["llama"](), str(d)).eval()
+        with torch.no_grad():
+            want = pm(**inputs).logits.numpy()
+            if base is None:
+                with pm.disable_adapter():
+                    base = pm(**inputs).logits.numpy()
+        got = run_with_adapters(sess, _feeds(inputs), [done.adapters[name]])[0]
+        assert np.abs(got - want).max() <= TOL, name
+        assert np.abs(got - base).max() > CHANGED, name
+    got = run_with_adapters(sess, _feeds(inputs), [])[0]
+    assert np.abs(got - base).max() <= TOL
+    info = read_model_adapters(done.model)
+    assert info.adapters == {n: n for n in METHODS}
+    shapes = {r["name"]: r["shape"] for r in info.inputs}
+    # AdaLoRA's rank is free (0 by default); VeRA's adapter-level projections keep their shape
+    assert shapes["model.layers.0.self_attn.v_proj.lora_A.adalora"] == [None, 64]
+    assert shapes["vera_A.vera"] == [8, 64]
