@@ -100,6 +100,9 @@ def adapter_session(path: str | Path) -> Any:
 def write_adapter_file(path: Path, values: dict[str, np.ndarray]) -> None:
     """One `.onnx_adapter` file (onnxruntime.AdapterFormat), written to `path` as it is (the caller renames)."""
     import onnxruntime as ort
+    if not hasattr(ort, "AdapterFormat"):
+        raise PeftcError(f"onnxruntime {ort.__version__} cannot write adapter files (.onnx_adapter needs "
+                         "onnxruntime 1.20 or newer)")
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(ADAPTER_VERSION)
     fmt.set_model_version(MODEL_VERSION)
