@@ -190,6 +190,18 @@ def test_export_adapter_mismatches(single, ckpts, tmp_path):
         peftc.export_adapter(ckpts["c"], single.model, tmp_path / "x.onnx", model=MODELS["llama"]())
     with pytest.raises(PeftcError, match="not a PEFT checkpoint directory"):
         peftc.export_adapter(tmp_path, single.model, out, model=MODELS["llama"]())
+    # a checkpoint with a tensor missing: named, with the layer
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpts["c"], broken)
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    del tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    with pytest.raises(PeftcError, match=r"^\S*adapter_model.safetensors: missing tensor "
+                                         r"'base_model.model.model.layers.1.mlp.down_proj.lora_B.weight'"):
+        peftc.export_adapter(broken, single.model, out, model=MODELS["llama"]())
     assert not out.exists()
 
 

@@ -16,6 +16,7 @@ for the same model, checking method, targets and shapes.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import warnings
@@ -360,7 +361,10 @@ def export_adapter(adapter_dir: str | Path, like: str | Path, output: str | Path
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PeftcError(f"{adapter_dir}: not a PEFT checkpoint directory (no adapter_config.json)")
     spec = f'adapter {adapter}: import "{adapter_dir.resolve().as_posix()}"\n'
-    compiled = compile_model(spec, model, adapters_as_inputs=True, example_inputs=example_inputs)
+    try:
+        compiled = compile_model(spec, model, adapters_as_inputs=True, example_inputs=example_inputs)
+    except PeftcError as e:   # the spec is ours, not the user's: no `<spec>:1:19:` in front of the message
+        raise PeftcError(re.sub(r"^<spec>:\d+:\d+: ", "", str(e).split("\n")[0])) from None
     method = compiled.plan.adapters[adapter].method.name
     if method != info.adapters[adapter]:
         raise PeftcError(f"{adapter_dir}: a {method} checkpoint, but the model's adapter '{adapter}' is "
