@@ -108,26 +108,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=1e-4, help="max abs diff allowed between onnxruntime and torch")
     p.add_argument("--dump-after", metavar="PASS", choices=PASS_NAMES, help="print the graph after PASS")
 
-    desc = ("Turn a PEFT checkpoint into an .onnx_adapter file for a model written by `peftc export "
-            "--adapters-as-inputs`: the checkpoint is compiled onto the MODEL the ONNX model records (or --model) and "
-            "must have the model's method, targets among its adapter inputs, and the same shapes except the free "
-            "dims (the rank may differ; scalings go into the file). The file is checked in onnxruntime against "
-            "the checkpoint in torch.")
-    p = sub.add_parser("export-adapter", help="write an .onnx_adapter file for a switchable ONNX model",
-                       description=desc)
-    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT checkpoint directory")
-    p.add_argument("--like", required=True, metavar="MODEL.onnx",
-                   help="the ONNX model written by `peftc export ... --adapters-as-inputs`")
-    p.add_argument("-o", "--output", required=True, help="output .onnx_adapter path")
-    p.add_argument("--adapter", metavar="NAME", help="which of the model's adapters this file fills (needed when "
-                                                    "its spec declared several)")
-    p.add_argument("--model", metavar="MODEL", help="the model to compile the checkpoint onto (default: the one the "
-                                                   "ONNX model records)")
-    _model_args(p)
-    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
-    p.add_argument("--tol", type=float, default=1e-4, help="max abs diff allowed between onnxruntime and torch")
-    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
-
     p = spec_model("save", "write the spec's adapters as a PEFT checkpoint (adapter_config.json + safetensors)")
     p.add_argument("-o", "--output", required=True, help="output directory")
 
@@ -204,6 +184,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest relative error allowed per layer (needed with --rank auto; with a fixed rank, a "
                         "layer above it is an error)")
     p.add_argument("-o", "--output", required=True, help="output directory (PEFT checkpoint)")
+
+    desc = ("Turn a PEFT checkpoint into an .onnx_adapter file for a model written by `peftc export "
+            "--adapters-as-inputs`: the checkpoint is compiled onto the MODEL the ONNX model records (or --model) and "
+            "must have the model's method, targets among its adapter inputs, and the same shapes except the free "
+            "dims (the rank may differ; scalings go into the file). The file is checked in onnxruntime against "
+            "the checkpoint in torch.")
+    p = sub.add_parser("export-adapter", help="write an .onnx_adapter file for a switchable ONNX model",
+                       description=desc)
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT checkpoint directory")
+    p.add_argument("--like", required=True, metavar="MODEL.onnx",
+                   help="the ONNX model written by `peftc export ... --adapters-as-inputs`")
+    p.add_argument("-o", "--output", required=True, help="output .onnx_adapter path")
+    p.add_argument("--adapter", metavar="NAME", help="which of the model's adapters this file fills (needed when "
+                                                    "its spec declared several)")
+    p.add_argument("--model", metavar="MODEL", help="the model to compile the checkpoint onto (default: the one the "
+                                                   "ONNX model records)")
+    _model_args(p)
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    p.add_argument("--tol", type=float, default=1e-4, help="max abs diff allowed between onnxruntime and torch")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
     return ap
 
 
