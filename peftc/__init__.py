@@ -22,6 +22,7 @@ _EXPORTS = {
     "compile_model": "peftc.pipeline",
     "save_adapter": "peftc.emit.checkpoint",
     "export_onnx": "peftc.emit.onnx",
+    "export_adapter": "peftc.emit.onnx_adapters",
     "save_pt2": "peftc.emit.pt2",
     "parse_spec": "peftc.spec.parse",
     "read_spec": "peftc.spec.parse",
@@ -35,6 +36,7 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below does the importing
     from peftc.emit.checkpoint import save_adapter  # noqa: F401
     from peftc.emit.onnx import export_onnx  # noqa: F401
+    from peftc.emit.onnx_adapters import export_adapter  # noqa: F401
     from peftc.emit.pt2 import save_pt2  # noqa: F401
     from peftc.errors import PeftcError, PeftcWarning  # noqa: F401
     from peftc.lower import lower_to_lora  # noqa: F401

@@ -1,7 +1,8 @@
 """The `peftc` command line (argparse: in the standard library, and enough for a handful of subcommands).
 
     peftc compile SPEC MODEL -o OUT.pt2 [--merge] [--train] [--adapter-ids] [--dump-after PASS]
-    peftc export  SPEC MODEL -o OUT.onnx [--merge] [--no-check] [--adapter-ids]
+    peftc export  SPEC MODEL -o OUT.onnx [--merge] [--no-check] [--adapter-ids] [--adapters-as-inputs]
+    peftc export-adapter ADAPTER_DIR --like MODEL.onnx -o OUT.onnx_adapter   (a file for a switchable model)
     peftc save    SPEC MODEL -o DIR            (PEFT checkpoint of the spec's adapters)
     peftc check   SPEC MODEL
     peftc inspect MODEL
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 T0 = time.perf_counter()  # as early as peftc can know: the total printed is the wall time the user waited
 # pipeline.PASSES, without importing torch
 PASS_NAMES = ("strip", "insert", "fold", "factor", "gate", "stack", "rejoin", "cse", "fuse", "dce")
-OUTPUT_SUFFIX = {"compile": ".pt2", "export": ".onnx", "import": ".peft"}
+OUTPUT_SUFFIX = {"compile": ".pt2", "export": ".onnx", "import": ".peft", "export-adapter": ".onnx_adapter"}
 GRAPH_SUFFIXES = (".svg", ".dot")
 FILE_SUFFIXES = {".pt2", ".onnx", ".peft", ".safetensors", ".json", ".bin", ".pt", ".pth"}
 
@@ -99,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-ids", action="store_true",
                    help="one more input, adapter_ids (int64, [batch]): row b runs the spec's adapter_ids[b]-th adapter "
                         "(declaration order), -1 the base model")
+    p.add_argument("--adapters-as-inputs", action="store_true",
+                   help="switchable adapters (onnxruntime's adapter convention): each adapter tensor is a graph input "
+                        "whose default (rank 0) gives the base model, and <adapter>.onnx_adapter files are written "
+                        "beside OUT.onnx, one per adapter of the spec, for onnxruntime.LoraAdapter and "
+                        "RunOptions.add_active_adapter; additive methods only (LoRA, LoHa, LoKr, AdaLoRA, ...)")
     p.add_argument("--tol", type=float, default=1e-4, help="max abs diff allowed between onnxruntime and torch")
     p.add_argument("--dump-after", metavar="PASS", choices=PASS_NAMES, help="print the graph after PASS")
 
@@ -178,6 +184,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest relative error allowed per layer (needed with --rank auto; with a fixed rank, a "
                         "layer above it is an error)")
     p.add_argument("-o", "--output", required=True, help="output directory (PEFT checkpoint)")
+
+    desc = ("Turn a PEFT checkpoint into an .onnx_adapter file for a model written by `peftc export "
+            "--adapters-as-inputs`: the checkpoint is compiled onto the MODEL the ONNX model records (or --model) and "
+            "must have the model's method, targets among its adapter inputs, and the same shapes except the free "
+            "dims (the rank may differ; scalings go into the file). The file is checked in onnxruntime against "
+            "the checkpoint in torch.")
+    p = sub.add_parser("export-adapter", help="write an .onnx_adapter file for a switchable ONNX model",
+                       description=desc)
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT checkpoint directory")
+    p.add_argument("--like", required=True, metavar="MODEL.onnx",
+                   help="the ONNX model written by `peftc export ... --adapters-as-inputs`")
+    p.add_argument("-o", "--output", required=True, help="output .onnx_adapter path")
+    p.add_argument("--adapter", metavar="NAME", help="which of the model's adapters this file fills (needed when "
+                                                    "its spec declared several)")
+    p.add_argument("--model", metavar="MODEL", help="the model to compile the checkpoint onto (default: the one the "
+                                                   "ONNX model records)")
+    _model_args(p)
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    p.add_argument("--tol", type=float, default=1e-4, help="max abs diff allowed between onnxruntime and torch")
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS)
     return ap
 
 
@@ -439,6 +465,8 @@ def _run(args: argparse.Namespace) -> int:
         else:
             _result(inspect_report(module))
         return 0
+    if args.cmd == "export-adapter":
+        return _export_adapter(args)
     # every other command reads a spec: parse it (lark only, no torch) before anything slow happens
     if args.cmd == "lower":
         rank, max_error = _rank_args(args)
@@ -491,7 +519,8 @@ def _run(args: argparse.Namespace) -> int:
     merge = getattr(args, "merge", False)
     compiled = compile_model(spec, args.model, merge=merge, train=getattr(args, "train", False),
                              example_inputs=args.example_input, dump_after=getattr(args, "dump_after", None),
-                             adapter_ids=getattr(args, "adapter_ids", False))
+                             adapter_ids=getattr(args, "adapter_ids", False),
+                             adapters_as_inputs=getattr(args, "adapters_as_inputs", False))
     t_compile = time.perf_counter() - t0
     gm = compiled.gm
     _warnings(compiled.plan)
@@ -511,6 +540,8 @@ def _run(args: argparse.Namespace) -> int:
         save_pt2(gm, args.output)
         _result(f"wrote {args.output}: {summary} (compile {t_compile:.1f}s, total {time.perf_counter() - T0:.1f}s)")
         return 0
+    if args.cmd == "export" and args.adapters_as_inputs:
+        return _export_switchable(args, gm, summary, t_compile)
     if args.cmd == "export":
         from peftc.emit.onnx import export_onnx
         result = export_onnx(gm, args.output, check=not args.no_check, tol=args.tol)
@@ -520,6 +551,47 @@ def _run(args: argparse.Namespace) -> int:
             _result(f"onnxruntime check: max abs diff {result.max_abs_diff:.2e} vs torch ({shapes})")
         return 0
     raise AssertionError(args.cmd)
+
+
+def _export_switchable(args: argparse.Namespace, gm: object, summary: str, t_compile: float) -> int:
+    """`peftc export --adapters-as-inputs`: the model, one .onnx_adapter per adapter, checked in one session."""
+    from peftc.emit.onnx_adapters import export_switchable
+    done = export_switchable(gm, args.output, check=not args.no_check, tol=args.tol)
+    files = ", ".join(str(f) for f in done.adapters.values())
+    _result(f"wrote {args.output}: {summary}; {len(done.inputs)} adapter inputs; wrote {files} "
+            f"(compile {t_compile:.1f}s, total {time.perf_counter() - T0:.1f}s)")
+    if done.check is not None:
+        c = done.check
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in c.input_shapes.items())
+        _result(f"onnxruntime check, one session ({shapes}): no adapter file: max abs diff {c.base_diff:.2e} vs "
+                "the base model")
+        for name, d in c.adapter_diffs.items():
+            _result(f"onnxruntime check, one session: {done.adapters[name].name}: max abs diff {d:.2e} vs torch")
+    return 0
+
+
+def _export_adapter(args: argparse.Namespace) -> int:
+    """`peftc export-adapter DIR --like MODEL.onnx -o OUT.onnx_adapter`."""
+    from pathlib import Path
+
+    from peftc.progress import step
+    with step("Loading torch and the compiler"):
+        import peftc.pipeline  # noqa: F401
+        _quiet_transformers()
+    from peftc.emit.onnx_adapters import export_adapter
+    done = export_adapter(args.adapter_dir, args.like, args.output, model=args.model, adapter=args.adapter,
+                          check=not args.no_check, tol=args.tol, example_inputs=args.example_input)
+    if done["missing"]:
+        names = done["missing"]
+        _note(args.quiet, f"note: the checkpoint has no tensor for {len(names)} of the model's adapter inputs "
+                          f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): with this file, those stay at "
+                          "their defaults (no adapter on those layers)")
+    _result(f"wrote {args.output}: {done['inputs']} adapter tensors for {args.like} "
+            f"(total {time.perf_counter() - T0:.1f}s)")
+    if done["diff"] is not None:
+        _result(f"onnxruntime check: {args.like} with {Path(args.output).name}: max abs diff {done['diff']:.2e} vs "
+                "the checkpoint in torch")
+    return 0
 
 
 class Terminated(BaseException):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
 
 from peftc.errors import PeftcError
 from peftc.library import Library, library
@@ -46,7 +47,8 @@ from peftc.rewrite.strip_bookkeeping import strip_bookkeeping
 from peftc.spec.combinations import expand_combinations
 from peftc.spec.model import Spec
 from peftc.spec.parse import parse_spec, read_spec
-from peftc.trace import trace
+from peftc.switchable import check_switchable, free_dims, switchable_spec
+from peftc.trace import base_forward, trace
 
 _PRESERVED = "_user_preserved_attributes"   # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
 PASSES = ("strip", "insert", "fold", "factor", "gate", "stack", "rejoin", "cse", "fuse", "dce")
@@ -126,17 +128,25 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
                   dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0,
                   observe: Callable[[str, fx.GraphModule], None] | None = None,
                   adapter_ids: bool = False, switchable: bool = False, max_adapters: int | None = None,
-                  max_rank: int | None = None) -> Compiled:
+                  max_rank: int | None = None, adapters_as_inputs: bool = False) -> Compiled:
     if dump_after is not None and dump_after not in PASSES:
         raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
     sp = expand_combinations(load_spec(spec))   # combinations computed once, before the model loads
     check_spec(sp)
     if adapter_ids:
         sp = selectable_spec(sp, merge)
+    if adapters_as_inputs:
+        if adapter_ids:
+            raise PeftcError("--adapters-as-inputs and --adapter-ids do not go together: onnxruntime activates "
+                             "one set of adapter files per run, for every row")
+        sp = switchable_spec(sp, merge)
     with step("Loading model"):
         loaded = load_model(model, example_inputs)
         loaded.module = with_replication(sp, loaded.module)   # peft's layer_replication: a view, weights shared
     switchable = switchable or max_adapters is not None or max_rank is not None
+    if switchable and adapters_as_inputs:
+        raise PeftcError("switchable / max_adapters / max_rank and adapters_as_inputs do not go together: with "
+                         "adapters as ONNX inputs the adapter files are the switch (onnxruntime's RunOptions)")
     if switchable and (merge or adapter_ids):
         raise PeftcError("switchable / max_adapters / max_rank: " + ("merge=True folds every adapter into the "
                          "weights, so there is nothing to switch" if merge else "a per-row choice (adapter_ids) "
@@ -150,6 +160,9 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
             skel = skeleton(sp, true_plan, max_adapters, max_rank)
             plan = build_plan(skel.spec, loaded.module, train=train, seed=seed)
     selectable = list(sp.adapters) if adapter_ids else None
+    if adapters_as_inputs:
+        check_switchable(plan)
+        free = free_dims(plan)
     if adapter_ids:
         with_mts = [a for a, ap in plan.adapters.items() if ap.modules_to_save]
         if with_mts:
@@ -175,6 +188,8 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         "fuse": fuse_shared_input(manifest),
         "dce": eliminate_dead_code(manifest),
     }
+    if adapters_as_inputs:   # `fuse` concatenates A's and splits at fixed ranks: the ranks must stay free
+        passes["fuse"] = lambda g: PassResult(g, False)
     for name in PASSES:
         with step(f"Pass {name}"):
             gm = passes[name](gm).graph_module
@@ -190,6 +205,13 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
     gm.meta.setdefault(_PRESERVED, {}).update({k: getattr(gm, k) for k in
                                                ("peftc", "peftc_inputs", "peftc_axes", "peftc_layer_kinds")})
     add_optional_inputs(gm)
+    if adapters_as_inputs:
+        gm.peftc_switchable = True
+        gm.peftc_free_dims = free
+        gm.meta[_PRESERVED].update(peftc_switchable=True, peftc_free_dims=free)
+        # the base model, for the check that a run without adapter files gives its outputs (not a submodule)
+        gm.__dict__["peftc_base"] = base_forward(loaded.module, list(loaded.inputs))
+        gm.__dict__["peftc_model_ref"] = model if isinstance(model, str) else None
     gm.train(train)
     if not merge:   # load_adapter, set_adapter, ... (peftc.runtime)
         from peftc.runtime import attach
@@ -200,7 +222,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
 def compile(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
             example_inputs: list[str] | dict[str, torch.Tensor] | None = None, seed: int = 0,
             adapter_ids: bool = False, switchable: bool = False, max_adapters: int | None = None,
-            max_rank: int | None = None) -> fx.GraphModule:
+            max_rank: int | None = None, adapters_as_inputs: bool = False) -> fx.GraphModule:
     """Compile `spec` onto `model` and return the adapted fx GraphModule.
 
     `spec`: a .peft path, spec text, or Spec. `model`: an nn.Module or any MODEL reference the CLI takes.
@@ -215,7 +237,10 @@ def compile(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = Fa
     retracing; `max_adapters`: how many adapters the module can hold at once (spare slots take the spec's first
     switchable adapter's method and targets); `max_rank`: the rank (option `r`) every slot is compiled at, so
     checkpoints of any rank up to it load or hot swap. Either implies `switchable`.
+    `adapters_as_inputs`: every declared adapter stays live with its tensors free to become ONNX inputs
+    (`export_onnx(gm, path, adapters_as_inputs=True)`: onnxruntime's `.onnx_adapter` convention); additive
+    methods only.
     """
     return compile_model(spec, model, merge=merge, train=train, example_inputs=example_inputs, seed=seed,
                          adapter_ids=adapter_ids, switchable=switchable, max_adapters=max_adapters,
-                         max_rank=max_rank).gm
+                         max_rank=max_rank, adapters_as_inputs=adapters_as_inputs).gm

@@ -11,7 +11,7 @@ Dynamic axes have names: `batch` (dim 0 of every input), `sequence` (the token a
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,13 @@ class _Plain(nn.Module):
         forward.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
             [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in input_names])
         self.__dict__["forward"] = forward
+
+
+def base_forward(module: nn.Module, input_names: list[str]) -> Callable[..., Any]:
+    """The model's own forward as the traced graph computes it (plain outputs, no cache): the base model's
+    outputs, for comparing a graph whose adapters are off."""
+    wrapped = _Plain(module, trace_kwargs(module), input_names)
+    return lambda **inputs: wrapped(**inputs)
 
 
 def trace_kwargs(module: nn.Module) -> dict[str, Any]:

@@ -114,7 +114,15 @@ def _export(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool)
 
 
 def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None,
-                *, check: bool = True, tol: float = 1e-4) -> OnnxCheck | None:
+                *, check: bool = True, tol: float = 1e-4, adapters_as_inputs: bool = False) -> Any:
+    """Write `gm` as ONNX and check it in onnxruntime (returns an OnnxCheck, or None without check).
+
+    `adapters_as_inputs=True` (gm compiled with `adapters_as_inputs=True`): the adapter tensors become graph inputs
+    with "no adapter" defaults, and `<adapter>.onnx_adapter` files are written beside `path` (see
+    peftc.emit.onnx_adapters); returns a SwitchExport."""
+    if adapters_as_inputs:
+        from peftc.emit.onnx_adapters import export_switchable
+        return export_switchable(gm, path, inputs, check=check, tol=tol)
     path = Path(path)
     inputs = inputs if inputs is not None else gm.peftc_inputs
     nbytes = sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))
