@@ -55,8 +55,8 @@ RANKS = {"a0": 16, "a1": 8}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# peftc in-place switch: the compiled module's own adapter methods (issue 9 items 1-2, helper "rt" adds them).
-# TO FILL IN AFTER MERGING: returns None (reported "n/a") while the compiled module has no `load_adapter`.
+# peftc in-place switch: the compiled module's own adapter methods (peftc.runtime), on a module compiled with a
+# spare slot at rank 16 (`max_adapters=2, max_rank=16`), so the r=8 checkpoint loads zero-padded, with no retrace.
 def peftc_inplace_switch(gm: Any, adapter_dir: Path, name: str, other: str) -> dict[str, Callable[[], Any]] | None:
     """{'load_adapter': fn, 'set_adapter': fn} timing peftc's in-place switch on the compiled module `gm` (holding
     adapter `other`), or None when `gm` has no `load_adapter` method."""
@@ -184,7 +184,7 @@ def main() -> None:
             "peft load_adapter (a checkpoint, into a loaded PeftModel)": peft_load,
             "peft set_adapter (between two loaded adapters)": peft_set,
         }
-        live = peftc.compile(f'adapter a0: import "{dirs["a0"]}"\n', base)
+        live = peftc.compile(f'adapter a0: import "{dirs["a0"]}"\n', base, max_adapters=2, max_rank=16)
         inplace = peftc_inplace_switch(live, dirs["a1"], "a1", "a0")
         switches["peftc load_adapter in place (compiled module)"] = inplace["load_adapter"] if inplace else None
         switches["peftc set_adapter in place (compiled module)"] = inplace["set_adapter"] if inplace else None

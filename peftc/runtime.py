@@ -276,6 +276,7 @@ class Runtime:
             shared[sname] = _pad(t, get_path(self.gm, path).shape, f"shared tensor '{sname}'")
         params: dict[str, dict[str, torch.Tensor]] = {}
         ratios: dict[str, float] = {}
+        checked: dict[str, float] = {}   # configuration -> its ratio (one dense check per distinct configuration)
         for lname, cur in slot.sites.items():
             sa = sites.get(lname)
             shapes = {p: get_path(self.gm, path).shape for p, path in slot.params[lname].items()}
@@ -304,6 +305,16 @@ class Runtime:
                 params[lname], ratios[lname] = padded, 1.0
                 continue
             layer = self.plan.layers[lname]
+            # Layers of the same kind and shapes at the same options run the same program on other values: the
+            # update is a polynomial in the tensors, so the check on one of them (random trained values) holds for
+            # all; the others take its ratio.
+            config = repr((layer.kind, tuple(layer.shape), layer.bias is not None,
+                           sorted(sa.layer_options.items()), sorted(cur.layer_options.items()),
+                           sorted((p, tuple(t.shape)) for p, t in sa.tensors.items()),
+                           sorted((p, tuple(t.shape)) for p, t in padded.items())))
+            if config in checked:
+                params[lname], ratios[lname] = padded, checked[config]
+                continue
             # checked on the CPU, where the checkpoint's tensors are (the graph may be on an accelerator)
             weight = self._params[layer.weight].detach().to("cpu", torch.float64)
             bias = self._params[layer.bias].detach().to("cpu", torch.float64) if layer.bias else None
@@ -320,6 +331,8 @@ class Runtime:
                 raise _Misfit(f"on layer '{lname}' its scale differs from the compiled one ({_opts(sa)} vs "
                               f"{_opts(cur)}) and the slot has no gate there")
             params[lname], ratios[lname] = padded, k
+            if cc > 0 and tt > 0:   # a zero update (a fresh LoRA's B = 0) proves nothing about the others
+                checked[config] = k
         return params, shared, ratios
 
     def install(self, slot: Slot, new: Plan, name: str) -> None:
