@@ -121,7 +121,9 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
                   example_inputs: list[str] | dict[str, torch.Tensor] | None = None,
                   dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0,
                   observe: Callable[[str, fx.GraphModule], None] | None = None,
-                  adapter_ids: bool = False) -> Compiled:
+                  adapter_ids: bool = False, with_past: bool = False) -> Compiled:
+    """`with_past`: trace the decoder with its key/value cache as flat inputs and outputs (peftc.generation),
+    for a generation-ready export."""
     if dump_after is not None and dump_after not in PASSES:
         raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
     sp = expand_combinations(load_spec(spec))   # combinations computed once, before the model loads
@@ -131,6 +133,12 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
     with step("Loading model"):
         loaded = load_model(model, example_inputs)
         loaded.module = with_replication(sp, loaded.module)   # peft's layer_replication: a view, weights shared
+        if with_past:
+            if adapter_ids:
+                raise PeftcError("--with-past and --adapter-ids together are not supported (onnxruntime-genai feeds "
+                                 "no adapter_ids); export one or the other")
+            from peftc.generation import with_past as wrap_with_past
+            loaded = wrap_with_past(loaded)
     with step("Planning adapters"):
         plan = build_plan(sp, loaded.module, merge_all=merge, train=train, seed=seed)
     selectable = list(sp.adapters) if adapter_ids else None
@@ -168,9 +176,12 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
     gm.peftc = manifest
     gm.peftc_inputs = dict(loaded.inputs)
     gm.peftc_layer_kinds = {name: layer.kind for name, layer in plan.layers.items()}
+    if with_past:
+        gm.peftc_cache = loaded.module.peftc_cache   # the key/value layout (peftc.generation.CacheLayout)
     # copy.deepcopy(gm) keeps these (a GraphModule's copy keeps only its graph and tensors otherwise)
     gm.meta.setdefault(_PRESERVED, {}).update({k: getattr(gm, k) for k in
-                                               ("peftc", "peftc_inputs", "peftc_axes", "peftc_layer_kinds")})
+                                               ("peftc", "peftc_inputs", "peftc_axes", "peftc_layer_kinds",
+                                                "peftc_cache") if hasattr(gm, k)})
     add_optional_inputs(gm)
     gm.train(train)
     return Compiled(gm, plan, loaded, rule_log=rule_log, rule_hits=rule_hits, dense_layers=dense)
