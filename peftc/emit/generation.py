@@ -19,7 +19,7 @@ from torch import fx
 from peftc.atomic import atomic_dir, check_new_dir
 from peftc.emit.onnx import OnnxCheck, export_onnx
 from peftc.errors import PeftcError
-from peftc.generation import CacheLayout, generation_inputs, onnx_name
+from peftc.generation import TOTAL, CacheLayout, generation_inputs, onnx_name
 from peftc.progress import step
 
 MODEL_FILE = "model.onnx"
@@ -107,6 +107,24 @@ def _copy_model_files(source: Path, tmp: Path) -> list[str]:
     return copied
 
 
+def name_mask_axis(path: Path) -> None:
+    """Give the attention mask's length the name `total_sequence_length` in the ONNX file (torch.export relates it
+    to past + new tokens and names it with a bare symbol such as `s53`). Weights stay where they are."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    mask = next((i for i in model.graph.input if i.name == "attention_mask"), None)
+    if mask is None or len(mask.type.tensor_type.shape.dim) != 2:
+        return
+    old = mask.type.tensor_type.shape.dim[1].dim_param
+    if not old or old == TOTAL:
+        return
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == old:
+                dim.dim_param = TOTAL
+    onnx.save(model, str(path))
+
+
 def export_generation(gm: fx.GraphModule, out_dir: str | Path, config: Any, *, source: str | Path | None = None,
                       check: bool = True, tol: float = 1e-4) -> GenerationExport:
     """Write `out_dir` (see the module doc) from `gm`, compiled with `with_past=True`. `config`: the model's
@@ -124,6 +142,7 @@ def export_generation(gm: fx.GraphModule, out_dir: str | Path, config: Any, *, s
     gen = _generation_config(config, src)
     with atomic_dir(out) as tmp:
         done = export_onnx(gm, tmp / MODEL_FILE, check=check, tol=tol, rename=rename, check_inputs=checks)
+        name_mask_axis(tmp / MODEL_FILE)
         with step("Writing config.json, generation_config.json, genai_config.json"):
             copied = _copy_model_files(src, tmp) if src is not None else []
             if src is not None and (src / "config.json").is_file():
