@@ -3,7 +3,8 @@
     text -> spec (peftc.spec) -> plan (peftc.plan) -> graph rewrites (peftc.rewrite) -> emit (peftc.emit)
 
 Python API: `compile(spec, model) -> torch.fx.GraphModule`, `save_adapter(gm, dir)`, `export_onnx`,
-`save_pt2`, `parse_spec` / `read_spec`.
+`export_generation` (a decoder compiled `with_past=True` -> an onnxruntime-genai folder), `save_pt2`,
+`parse_spec` / `read_spec`.
 
 The API is exported lazily (PEP 562 module `__getattr__`): `import peftc` imports neither torch nor the
 compiler, so the command line answers `--help`, `--version`, syntax errors and `import` in well under a
@@ -21,6 +22,7 @@ _EXPORTS = {
     "compile_model": "peftc.pipeline",
     "save_adapter": "peftc.emit.checkpoint",
     "export_onnx": "peftc.emit.onnx",
+    "export_generation": "peftc.emit.generation",
     "save_pt2": "peftc.emit.pt2",
     "parse_spec": "peftc.spec.parse",
     "read_spec": "peftc.spec.parse",
@@ -31,6 +33,7 @@ __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below does the importing
     from peftc.emit.checkpoint import save_adapter  # noqa: F401
+    from peftc.emit.generation import export_generation  # noqa: F401
     from peftc.emit.onnx import export_onnx  # noqa: F401
     from peftc.emit.pt2 import save_pt2  # noqa: F401
     from peftc.errors import PeftcError, PeftcWarning  # noqa: F401
