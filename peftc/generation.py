@@ -77,10 +77,10 @@ def returned_cache(out: Any) -> Any:
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
-def cache_layout(module: nn.Module, vocab: int) -> CacheLayout:
+def cache_layout(module: nn.Module) -> CacheLayout:
     """Run the model once on two tokens with a cache and read each layer's key/value shapes."""
     from transformers import DynamicCache
-    ids = torch.zeros(1, 2, dtype=torch.long) % max(vocab, 1)
+    ids = torch.zeros(1, 2, dtype=torch.long)
     try:
         with torch.no_grad():
             out = module(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
@@ -160,7 +160,7 @@ def with_past(loaded: LoadedModel) -> LoadedModel:
     """The loaded model wrapped for a generation-ready export (its example inputs and named axes with it)."""
     check_decoder(loaded)
     vocab = int(getattr(loaded.config, "vocab_size", 0) or 0)
-    layout = cache_layout(loaded.module, vocab)
+    layout = cache_layout(loaded.module)
     wrapped = WithPast(loaded.module, layout.num_layers)
     wrapped.peftc_axes = generation_axes(layout.num_layers)
     wrapped.peftc_cache = layout

@@ -1,11 +1,11 @@
 """Generation-ready ONNX (`peftc export --with-past`): a decoder with its key/value cache as inputs and outputs.
 
-Per family (Llama, Qwen2, Mistral, Gemma, Phi-3; tiny configs, fixed seeds, grouped-query attention): a real peft
-LoRA checkpoint is exported merged with peftc, and 20 greedy tokens from a plain onnxruntime loop over the cache
-(first step with an empty past) equal `transformers` `generate` on peft's `merge_and_unload()` of the same
-checkpoint. The same through onnxruntime-genai (`og.Model(OUT_DIR)`) for Llama (exported unmerged, with the CLI,
-from a model directory with a tokenizer) and Qwen2. Negative controls show the comparison can fail: the base
-model, or a loop that drops the past, gives other tokens.
+Per family (Llama, Qwen2, Mistral, Gemma, Phi-3, Gemma 2 with a sliding window; tiny configs, fixed seeds,
+grouped-query attention): a real peft LoRA checkpoint is exported merged with peftc, and 20 greedy tokens from a
+plain onnxruntime loop over the cache (first step with an empty past) equal `transformers` `generate` on peft's
+`merge_and_unload()` of the same checkpoint. The same through onnxruntime-genai (`og.Model(OUT_DIR)`) for Llama
+(exported unmerged, with the CLI, from a model directory with a tokenizer), Qwen2 and Gemma. Negative controls show
+the comparison can fail: the base model, or a loop that drops the past, gives other tokens.
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ FAMILIES = {
     "mistral": ("MistralForCausalLM", "MistralConfig", {"sliding_window": 64}, ["q_proj", "v_proj", "up_proj"]),
     "gemma": ("GemmaForCausalLM", "GemmaConfig", {"head_dim": 16}, ["q_proj", "v_proj", "gate_proj"]),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", {"pad_token_id": 0}, ["qkv_proj", "o_proj", "gate_up_proj"]),
+    # sliding-window attention (window 8 < the 26 tokens generated): the exported cache keeps every token and the
+    # model's mask applies the window
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {"head_dim": 16, "sliding_window": 8}, ["q_proj", "o_proj"]),
 }
 
 
