@@ -137,6 +137,9 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
             if adapter_ids:
                 raise PeftcError("--with-past and --adapter-ids together are not supported (onnxruntime-genai feeds "
                                  "no adapter_ids); export one or the other")
+            if example_inputs:
+                raise PeftcError("--example-input does not apply with --with-past: the inputs are the decoder's "
+                                 "(input_ids, attention_mask, position_ids and the key/value cache)")
             from peftc.generation import with_past as wrap_with_past
             loaded = wrap_with_past(loaded)
     with step("Planning adapters"):

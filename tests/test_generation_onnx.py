@@ -258,9 +258,12 @@ def test_with_past_needs_an_output_directory(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-def test_with_past_and_adapter_ids_is_a_clear_error(tmp_path, capsys):
+@pytest.mark.parametrize("flag, message", [
+    (["--adapter-ids"], "--with-past and --adapter-ids together are not supported"),
+    (["--example-input", "input_ids=2x5:int64"], "--example-input does not apply with --with-past")])
+def test_with_past_refuses_flags_it_cannot_honour(tmp_path, capsys, flag, message):
     spec = tmp_path / "s.peft"
     spec.write_text("adapter a: lora(r = 2) {\n    targets q_proj\n}\n")
-    assert main(["-q", "export", str(spec), "tiny-llama", "--with-past", "--adapter-ids",
-                 "-o", str(tmp_path / "out")]) == 1
-    assert "--with-past and --adapter-ids together are not supported" in capsys.readouterr().err
+    assert main(["-q", "export", str(spec), "tiny-llama", "--with-past", *flag, "-o", str(tmp_path / "out")]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
