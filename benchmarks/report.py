@@ -20,7 +20,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 PNG = RESULTS / "ratios.png"
 BLOCK = re.compile(r"(<!-- results: (?P<file>[\w.\-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
-PLOTTED = ("latest.json", "methods.json", "many.json")
+PLOTTED = ("latest.json", "methods.json", "many.json", "generate.json")
 
 
 def render_readme(text: str) -> str:
@@ -73,6 +73,11 @@ def _series() -> list[tuple[str, list[str], list[tuple[str, list[float]]]]]:
         rows = json.loads(p.read_text())["rows"]
         panels.append(("many adapters (vs eager base)", [r["case"] for r in rows],
                        [("peft", [r["peft"] for r in rows]), ("peftc", [r["peftc"] for r in rows])]))
+    p = RESULTS / "generate.json"
+    if p.exists():
+        rows = json.loads(p.read_text())["rows"]
+        panels.append(("decode tokens/s, small-llama (vs transformers eager generate)", [r["variant"] for r in rows],
+                       [("tokens/s / transformers", [r["ratio_vs_transformers"] for r in rows])]))
     return panels
 
 

@@ -3,8 +3,10 @@
     text -> spec (peftc.spec) -> plan (peftc.plan) -> graph rewrites (peftc.rewrite) -> emit (peftc.emit)
 
 Python API: `compile(spec, model) -> torch.fx.GraphModule`, `save_adapter(gm, dir)`, `export_onnx`,
-`save_pt2`, `parse_spec` / `read_spec`, `merge_model(spec, model_dir, out_dir)` (peftc merge),
-`lower_to_lora(spec, model, rank=..., max_error=..., output=...)` (peftc lower).
+`export_adapter` (an `.onnx_adapter` file for a switchable ONNX model), `export_generation` (a decoder
+compiled `with_past=True` -> an onnxruntime-genai folder), `save_pt2`, `parse_spec` / `read_spec`,
+`merge_model(spec, model_dir, out_dir)` (peftc merge), `lower_to_lora(spec, model, rank=..., max_error=...,
+output=...)` (peftc lower).
 
 The API is exported lazily (PEP 562 module `__getattr__`): `import peftc` imports neither torch nor the
 compiler, so the command line answers `--help`, `--version`, syntax errors and `import` in well under a
@@ -23,6 +25,7 @@ _EXPORTS = {
     "save_adapter": "peftc.emit.checkpoint",
     "export_onnx": "peftc.emit.onnx",
     "export_adapter": "peftc.emit.onnx_adapters",
+    "export_generation": "peftc.emit.generation",
     "save_pt2": "peftc.emit.pt2",
     "parse_spec": "peftc.spec.parse",
     "read_spec": "peftc.spec.parse",
@@ -35,6 +38,7 @@ __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below does the importing
     from peftc.emit.checkpoint import save_adapter  # noqa: F401
+    from peftc.emit.generation import export_generation  # noqa: F401
     from peftc.emit.onnx import export_onnx  # noqa: F401
     from peftc.emit.onnx_adapters import export_adapter  # noqa: F401
     from peftc.emit.pt2 import save_pt2  # noqa: F401

@@ -2,6 +2,7 @@
 
     peftc compile SPEC MODEL -o OUT.pt2 [--merge] [--train] [--adapter-ids] [--dump-after PASS]
     peftc export  SPEC MODEL -o OUT.onnx [--merge] [--no-check] [--adapter-ids] [--adapters-as-inputs]
+    peftc export  SPEC MODEL --with-past -o OUT_DIR [--merge]   (decoder with KV cache, runs in onnxruntime-genai)
     peftc export-adapter ADAPTER_DIR --like MODEL.onnx -o OUT.onnx_adapter   (a file for a switchable model)
     peftc save    SPEC MODEL -o DIR            (PEFT checkpoint of the spec's adapters)
     peftc check   SPEC MODEL
@@ -94,7 +95,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the graph after PASS: " + ", ".join(PASS_NAMES))
 
     p = spec_model("export", "compile a spec onto a model and write ONNX, checked in onnxruntime")
-    p.add_argument("-o", "--output", required=True, help="output .onnx path")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path (with --with-past: an output directory)")
+    p.add_argument("--with-past", action="store_true",
+                   help="generation-ready decoder: write OUT_DIR with model.onnx taking input_ids, attention_mask, "
+                        "position_ids and past_key_values.N.key/.value and returning logits and present.N.key/.value "
+                        "(optimum's names, dynamic batch/sequence/past length), config.json, generation_config.json, "
+                        "the model directory's tokenizer files and genai_config.json (onnxruntime-genai runs OUT_DIR); "
+                        "adapters merged (--merge) or live in the graph")
     p.add_argument("--merge", action="store_true", help="fold every active adapter into the base weights")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--adapter-ids", action="store_true",
@@ -248,6 +255,13 @@ def _check_output(args: argparse.Namespace) -> None:
     if args.cmd == "graph" and p.suffix.lower() not in GRAPH_SUFFIXES:
         raise PeftcError(f"output {p}: `peftc graph` writes a .svg or .dot file")
     want = OUTPUT_SUFFIX.get(args.cmd)
+    if args.cmd == "export" and getattr(args, "with_past", False):
+        if p.suffix.lower() in FILE_SUFFIXES:
+            raise PeftcError(f"output {p}: `peftc export --with-past` writes a model directory (model.onnx, "
+                             "genai_config.json, config and tokenizer files); give a folder name, e.g. -o out/model")
+        from peftc.atomic import check_new_dir
+        check_new_dir(p, Path(args.model) if Path(args.model).is_dir() else None)
+        want = None
     if want is not None and p.suffix.lower() != want:
         other = [c for c, suf in OUTPUT_SUFFIX.items() if suf == p.suffix.lower()]
         hint = f" (`peftc {other[0]}` writes {p.suffix} files)" if other else ""
@@ -517,9 +531,13 @@ def _run(args: argparse.Namespace) -> int:
     from peftc.pipeline import compile_model
     t0 = time.perf_counter()
     merge = getattr(args, "merge", False)
+    with_past = getattr(args, "with_past", False)
+    if with_past and getattr(args, "adapters_as_inputs", False):
+        raise PeftcError("--with-past with --adapters-as-inputs is not supported yet: export the generation-ready "
+                         "model with the adapters merged (--merge) or live in the graph")
     compiled = compile_model(spec, args.model, merge=merge, train=getattr(args, "train", False),
                              example_inputs=args.example_input, dump_after=getattr(args, "dump_after", None),
-                             adapter_ids=getattr(args, "adapter_ids", False),
+                             adapter_ids=getattr(args, "adapter_ids", False), with_past=with_past,
                              adapters_as_inputs=getattr(args, "adapters_as_inputs", False))
     t_compile = time.perf_counter() - t0
     gm = compiled.gm
@@ -542,6 +560,20 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "export" and args.adapters_as_inputs:
         return _export_switchable(args, gm, summary, t_compile)
+    if args.cmd == "export" and with_past:
+        from pathlib import Path
+
+        from peftc.emit.generation import export_generation
+        done = export_generation(gm, args.output, compiled.model.config, source=args.model,
+                                 check=not args.no_check, tol=args.tol)
+        files = sorted(f.name for f in Path(args.output).iterdir())
+        _result(f"wrote {args.output} ({', '.join(files)}): {summary}; key/value cache of "
+                f"{_plural(done.layout.num_layers, 'layer')} (compile {t_compile:.1f}s, "
+                f"total {time.perf_counter() - T0:.1f}s)")
+        if done.check is not None:
+            _result(f"onnxruntime check: max abs diff {done.check.max_abs_diff:.2e} vs torch (a first step with an "
+                    "empty past and a later step with a filled one)")
+        return 0
     if args.cmd == "export":
         from peftc.emit.onnx import export_onnx
         result = export_onnx(gm, args.output, check=not args.no_check, tol=args.tol)

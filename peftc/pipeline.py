@@ -123,27 +123,21 @@ def with_adapter_ids(inputs: dict[str, torch.Tensor], n: int) -> dict[str, torch
     return {**inputs, IDS: torch.arange(batch, dtype=torch.int64) % (n + 1) - 1}
 
 
-def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
-                  example_inputs: list[str] | dict[str, torch.Tensor] | None = None,
-                  dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0,
-                  observe: Callable[[str, fx.GraphModule], None] | None = None,
-                  adapter_ids: bool = False, switchable: bool = False, max_adapters: int | None = None,
-                  max_rank: int | None = None, adapters_as_inputs: bool = False) -> Compiled:
-    if dump_after is not None and dump_after not in PASSES:
-        raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
-    sp = expand_combinations(load_spec(spec))   # combinations computed once, before the model loads
-    check_spec(sp)
-    if adapter_ids:
-        sp = selectable_spec(sp, merge)
-    if adapters_as_inputs:
-        if adapter_ids:
-            raise PeftcError("--adapters-as-inputs and --adapter-ids do not go together: onnxruntime activates "
-                             "one set of adapter files per run, for every row")
-        sp = switchable_spec(sp, merge)
-    with step("Loading model"):
-        loaded = load_model(model, example_inputs)
-        loaded.module = with_replication(sp, loaded.module)   # peft's layer_replication: a view, weights shared
-    switchable = switchable or max_adapters is not None or max_rank is not None
+def check_modes(*, merge: bool, adapter_ids: bool, switchable: bool, adapters_as_inputs: bool, with_past: bool,
+                example_inputs: object) -> None:
+    """An error for compile options that do not go together (checked before the model loads)."""
+    if adapters_as_inputs and adapter_ids:
+        raise PeftcError("--adapters-as-inputs and --adapter-ids do not go together: onnxruntime activates "
+                         "one set of adapter files per run, for every row")
+    if adapters_as_inputs and with_past:
+        raise PeftcError("--with-past with --adapters-as-inputs is not supported yet: export the "
+                         "generation-ready model with the adapters merged (--merge) or live in the graph")
+    if with_past and adapter_ids:
+        raise PeftcError("--with-past and --adapter-ids together are not supported (onnxruntime-genai feeds "
+                         "no adapter_ids); export one or the other")
+    if with_past and example_inputs:
+        raise PeftcError("--example-input does not apply with --with-past: the inputs are the decoder's "
+                         "(input_ids, attention_mask, position_ids and the key/value cache)")
     if switchable and adapters_as_inputs:
         raise PeftcError("switchable / max_adapters / max_rank and adapters_as_inputs do not go together: with "
                          "adapters as ONNX inputs the adapter files are the switch (onnxruntime's RunOptions)")
@@ -151,6 +145,34 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         raise PeftcError("switchable / max_adapters / max_rank: " + ("merge=True folds every adapter into the "
                          "weights, so there is nothing to switch" if merge else "a per-row choice (adapter_ids) "
                          "and run-time switching are not combined yet; choose one"))
+
+
+def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
+                  example_inputs: list[str] | dict[str, torch.Tensor] | None = None,
+                  dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0,
+                  observe: Callable[[str, fx.GraphModule], None] | None = None,
+                  adapter_ids: bool = False, switchable: bool = False, max_adapters: int | None = None,
+                  max_rank: int | None = None, adapters_as_inputs: bool = False, with_past: bool = False) -> Compiled:
+    """`compile` with its options, returning the graph with the plan and the loaded model. `with_past`: trace the
+    decoder with its key/value cache as flat inputs and outputs (peftc.generation), for a generation-ready
+    export."""
+    if dump_after is not None and dump_after not in PASSES:
+        raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
+    sp = expand_combinations(load_spec(spec))   # combinations computed once, before the model loads
+    check_spec(sp)
+    if adapter_ids:
+        sp = selectable_spec(sp, merge)
+    switchable = switchable or max_adapters is not None or max_rank is not None
+    check_modes(merge=merge, adapter_ids=adapter_ids, switchable=switchable, adapters_as_inputs=adapters_as_inputs,
+                with_past=with_past, example_inputs=example_inputs)
+    if adapters_as_inputs:
+        sp = switchable_spec(sp, merge)
+    with step("Loading model"):
+        loaded = load_model(model, example_inputs)
+        loaded.module = with_replication(sp, loaded.module)   # peft's layer_replication: a view, weights shared
+        if with_past:
+            from peftc.generation import with_past as wrap_with_past
+            loaded = wrap_with_past(loaded)
     skel = true_plan = None
     with step("Planning adapters"):
         plan = build_plan(sp, loaded.module, merge_all=merge, train=train, seed=seed)
@@ -201,9 +223,12 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
     gm.peftc = manifest
     gm.peftc_inputs = dict(loaded.inputs)
     gm.peftc_layer_kinds = {name: layer.kind for name, layer in plan.layers.items()}
+    if with_past:
+        gm.peftc_cache = loaded.module.peftc_cache   # the key/value layout (peftc.generation.CacheLayout)
     # copy.deepcopy(gm) keeps these (a GraphModule's copy keeps only its graph and tensors otherwise)
     gm.meta.setdefault(_PRESERVED, {}).update({k: getattr(gm, k) for k in
-                                               ("peftc", "peftc_inputs", "peftc_axes", "peftc_layer_kinds")})
+                                               ("peftc", "peftc_inputs", "peftc_axes", "peftc_layer_kinds",
+                                                "peftc_cache") if hasattr(gm, k)})
     add_optional_inputs(gm)
     if adapters_as_inputs:
         gm.peftc_switchable = True

@@ -105,6 +105,7 @@ class DynamicAxes:
     own limits, e.g. BERT's 128 positions)."""
     names: dict[str, dict[int, str]]
     max: dict[str, int] = field(default_factory=dict)
+    auto: frozenset[str] = frozenset()   # names traced as Dim.AUTO (sizes the model ties to others: past + new)
 
 
 def dynamic_shapes_for(inputs: dict[str, torch.Tensor], axes: DynamicAxes | None = None
@@ -115,7 +116,7 @@ def dynamic_shapes_for(inputs: dict[str, torch.Tensor], axes: DynamicAxes | None
         return {n: {i: Dim.AUTO for i in a} for n, a in axis_names(inputs).items()}
     dims: dict[str, Any] = {}
     for name in sorted({a for ax in axes.names.values() for a in ax.values()}):
-        dims[name] = Dim(name, max=axes.max[name]) if name in axes.max else Dim(name)
+        dims[name] = Dim.AUTO if name in axes.auto else Dim(name, max=axes.max[name]) if name in axes.max else Dim(name)
     return {n: {i: dims[a] for i, a in axes.names.get(n, {}).items()} for n in inputs}
 
 
@@ -141,7 +142,7 @@ def dynamic_axes(ep: torch.export.ExportedProgram, inputs: dict[str, torch.Tenso
 
 
 def export_program(module: nn.Module, inputs: dict[str, torch.Tensor],
-                   axes: dict[str, dict[int, str]] | None = None, extra: tuple[str, ...] = ()
+                   axes: DynamicAxes | None = None, extra: tuple[str, ...] = ()
                    ) -> torch.export.ExportedProgram:
     """`extra`: inputs that become graph inputs without being passed to the model (for the passes to use)."""
     wrapped = _Plain(module, trace_kwargs(module), list(inputs), extra)
@@ -161,8 +162,10 @@ def trace(module: nn.Module, inputs: dict[str, torch.Tensor], extra: tuple[str, 
     """The model as a plain (trainable) fx GraphModule over ATen ops, parameters as get_attr nodes.
 
     `gm.peftc_axes` records the dynamic axes and their names, for re-exporting (.pt2, ONNX). `extra` names
-    inputs (in `inputs`) that the graph takes but the model does not (`adapter_ids`)."""
-    ep = export_program(module, inputs, extra=extra)
+    inputs (in `inputs`) that the graph takes but the model does not (`adapter_ids`). A module that names its
+    own dynamic axes (a `peftc_axes` attribute: generation.WithPast's cache axes) is traced with those."""
+    named = getattr(module, "peftc_axes", None)
+    ep = export_program(module, inputs, axes=named, extra=extra)
     unlifted = ep.module()
     gm = fx.GraphModule(unlifted, unlifted.graph)   # a plain GraphModule: .train()/.eval() work
     # Frozen parameters of our own that share storage with the model's: the caller's module keeps its
@@ -174,5 +177,5 @@ def trace(module: nn.Module, inputs: dict[str, torch.Tensor], extra: tuple[str, 
                 if id(p) not in fresh:
                     fresh[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
                 mod._parameters[name] = fresh[id(p)]
-    gm.peftc_axes = dynamic_axes(ep, inputs)
+    gm.peftc_axes = named if isinstance(named, DynamicAxes) else dynamic_axes(ep, inputs)
     return gm

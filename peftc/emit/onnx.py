@@ -64,8 +64,11 @@ def ort_session(path: str | Path) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
+def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor], rename: dict[str, str] | None = None
+             ) -> list[np.ndarray]:
+    """`rename`: graph input name -> ONNX input name, where they differ."""
     sess = ort_session(path)
+    inputs = {(rename or {}).get(k, k): v for k, v in inputs.items()}
     names = [i.name for i in sess.get_inputs()]
     missing = [n for n in names if n not in inputs]
     if missing:
@@ -73,14 +76,15 @@ def run_onnx(path: str | Path, inputs: dict[str, torch.Tensor]) -> list[np.ndarr
     return sess.run(None, {n: inputs[n].numpy() for n in names})
 
 
-def check_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor], tol: float) -> OnnxCheck:
+def check_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor], tol: float,
+               rename: dict[str, str] | None = None) -> OnnxCheck:
     was = gm.training
     gm.eval()
     with step("onnxruntime check: the torch graph on a fresh input"), torch.no_grad():
         want = flat_outputs(gm(**inputs))
     gm.train(was)
     with step("onnxruntime check: loading and running the ONNX model"):
-        got = run_onnx(path, inputs)
+        got = run_onnx(path, inputs, rename)
     if len(got) != len(want):
         raise PeftcError(f"{path}: onnxruntime gave {len(got)} outputs, torch {len(want)}")
     diff = 0.0
@@ -96,9 +100,10 @@ def check_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Ten
     return OnnxCheck(diff, len(want), {k: list(v.shape) for k, v in inputs.items()})
 
 
-def _export(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool) -> Any:
-    """torch.onnx.export with the model's input and output names and named dynamic axes (torch's own axes if
-    the graph cannot take the named ones)."""
+def _export(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool,
+            rename: dict[str, str] | None = None) -> Any:
+    """torch.onnx.export with the model's input and output names (inputs renamed by `rename`) and named dynamic
+    axes (torch's own axes if the graph cannot take the named ones)."""
     axes = getattr(gm, "peftc_axes", None)
     for attempt in ([axes, None] if axes is not None else [None]):
         try:
@@ -106,7 +111,8 @@ def _export(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool)
                 warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
                 return torch.onnx.export(gm, (), kwargs=dict(inputs), dynamo=True, external_data=external,
                                          verbose=False, dynamic_shapes=dynamic_shapes_for(inputs, attempt),
-                                         input_names=list(inputs), output_names=output_names(gm))
+                                         input_names=[(rename or {}).get(n, n) for n in inputs],
+                                         output_names=output_names(gm))
         except Exception:  # noqa: BLE001
             if attempt is None:
                 raise
@@ -114,13 +120,19 @@ def _export(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool)
 
 
 def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None,
-                *, check: bool = True, tol: float = 1e-4, adapters_as_inputs: bool = False) -> Any:
-    """Write `gm` as ONNX and check it in onnxruntime (returns an OnnxCheck, or None without check).
+                *, check: bool = True, tol: float = 1e-4, adapters_as_inputs: bool = False,
+                rename: dict[str, str] | None = None,
+                check_inputs: list[dict[str, torch.Tensor]] | None = None) -> Any:
+    """Write `gm` as ONNX and check it in onnxruntime against `gm` on `check_inputs` (default: a fresh input
+    of another batch size and length); returns the worst check (an OnnxCheck), or None without check.
+    `rename`: graph input name -> ONNX input name, where they differ.
 
     `adapters_as_inputs=True` (gm compiled with `adapters_as_inputs=True`): the adapter tensors become graph inputs
     with "no adapter" defaults, and `<adapter>.onnx_adapter` files are written beside `path` (see
     peftc.emit.onnx_adapters); returns a SwitchExport."""
     if adapters_as_inputs:
+        if rename or check_inputs:
+            raise PeftcError("export_onnx: adapters_as_inputs takes neither rename nor check_inputs")
         from peftc.emit.onnx_adapters import export_switchable
         return export_switchable(gm, path, inputs, check=check, tol=tol)
     path = Path(path)
@@ -138,7 +150,7 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
         tmp = tmpdir / path.name
         try:
             with step("Exporting to ONNX (torch.onnx, dynamo)"), quiet_libraries():
-                prog = _export(fold_for_export(gm), inputs, external)
+                prog = _export(fold_for_export(gm), inputs, external, rename)
             with step("Writing .onnx"), quiet_libraries():
                 prog.save(str(tmp), external_data=external)
         except PeftcError:
@@ -148,7 +160,10 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
             raise PeftcError(f"ONNX export failed: {type(e).__name__}: {first}") from None
         finally:
             gm.train(was)
-        result = check_onnx(gm, tmp, fresh_like(inputs), tol) if check else None
+        result = None
+        for feed in (check_inputs or [fresh_like(inputs)]) if check else []:
+            done = check_onnx(gm, tmp, feed, tol, rename)
+            result = done if result is None or done.max_abs_diff > result.max_abs_diff else result
         try:
             for f in tmpdir.iterdir():
                 finish_file(f, path.parent / f.name)
