@@ -26,6 +26,7 @@ _EXPORTS = {
     "read_spec": "peftc.spec.parse",
     "PeftcError": "peftc.errors",
     "PeftcWarning": "peftc.errors",
+    "refresh_frozen": "peftc.rewrite.freeze_detached",
 }
 __all__ = list(_EXPORTS)
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below d
     from peftc.emit.pt2 import save_pt2  # noqa: F401
     from peftc.errors import PeftcError, PeftcWarning  # noqa: F401
     from peftc.pipeline import compile, compile_model  # noqa: F401
+    from peftc.rewrite.freeze_detached import refresh_frozen  # noqa: F401
     from peftc.spec.parse import parse_spec, read_spec  # noqa: F401
 
 

@@ -34,6 +34,7 @@ from peftc.rewrite.eliminate_dead_code import eliminate_dead_code
 from peftc.rewrite.explain import dense_layers, describe
 from peftc.rewrite.factor import factor
 from peftc.rewrite.fold_frozen import fold_frozen
+from peftc.rewrite.freeze_detached import freeze_detached
 from peftc.rewrite.fuse_shared_input import fuse_shared_input
 from peftc.rewrite.insert_adapters import insert_adapters
 from peftc.rewrite.rejoin_dense import rejoin_dense
@@ -121,7 +122,9 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
                   example_inputs: list[str] | dict[str, torch.Tensor] | None = None,
                   dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0,
                   observe: Callable[[str, fx.GraphModule], None] | None = None,
-                  adapter_ids: bool = False) -> Compiled:
+                  adapter_ids: bool = False, freeze: bool | None = None) -> Compiled:
+    """`freeze` (default: `not train`): compute once the gradient-free values that depend on adapter tensors
+    (DoRA's weight norm; rewrite/freeze_detached.py); `gm.peftc.frozen` says what each derives from."""
     if dump_after is not None and dump_after not in PASSES:
         raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
     sp = expand_combinations(load_spec(spec))   # combinations computed once, before the model loads
@@ -164,6 +167,9 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
             dump(f"# graph after pass '{name}'\n{describe(gm)}")
         if observe is not None:   # `peftc graph`: the graph after each pass
             observe(name, gm)
+    if (not train) if freeze is None else freeze:
+        with step("Freezing constants"):
+            gm = freeze_detached(manifest)(gm).graph_module
     dense = dense_layers(gm, {n: layer.shape for n, layer in plan.layers.items()}, manifest.live)
     gm.peftc = manifest
     gm.peftc_inputs = dict(loaded.inputs)
@@ -184,6 +190,9 @@ def compile(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = Fa
     `spec`: a .peft path, spec text, or Spec. `model`: an nn.Module or any MODEL reference the CLI takes.
     `merge`: fold every active adapter into the base weights. `train`: include adapter dropout (the module
     is returned in training mode; unmerged adapter tensors require grad either way, base weights never do).
+    Without `train`, values that depend on adapter tensors but carry no gradient (DoRA's weight norm) are
+    computed once here (see `refresh_frozen` after changing adapter tensors in place); with `train` they are
+    recomputed on every forward.
     `adapter_ids`: the graph takes one more input, `adapter_ids` (int64, [batch]): row b runs the spec's
     `adapter_ids[b]`-th adapter (declaration order), -1 the base model.
     """
