@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from peftc.errors import PeftcError
 from peftc.library import Library, library
+from peftc.low_precision import cast_model
 from peftc.manifest import Manifest
 from peftc.models import LoadedModel, load_model
 from peftc.optional_inputs import add_optional_inputs
@@ -122,9 +123,11 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
                   example_inputs: list[str] | dict[str, torch.Tensor] | None = None,
                   dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0,
                   observe: Callable[[str, fx.GraphModule], None] | None = None,
-                  adapter_ids: bool = False, freeze: bool | None = None) -> Compiled:
+                  adapter_ids: bool = False, freeze: bool | None = None, dtype: torch.dtype | None = None
+                  ) -> Compiled:
     """`freeze` (default: `not train`): compute once the gradient-free values that depend on adapter tensors
-    (DoRA's weight norm; rewrite/freeze_detached.py); `gm.peftc.frozen` says what each derives from."""
+    (DoRA's weight norm; rewrite/freeze_detached.py); `gm.peftc.frozen` says what each derives from.
+    `dtype`: cast the model (a copy of a caller's module) and its float example inputs before tracing."""
     if dump_after is not None and dump_after not in PASSES:
         raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
     sp = expand_combinations(load_spec(spec))   # combinations computed once, before the model loads
@@ -133,6 +136,9 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         sp = selectable_spec(sp, merge)
     with step("Loading model"):
         loaded = load_model(model, example_inputs)
+        if dtype is not None:
+            loaded.module, loaded.inputs = cast_model(loaded.module, loaded.inputs, dtype,
+                                                      owned=not isinstance(model, nn.Module))
         loaded.module = with_replication(sp, loaded.module)   # peft's layer_replication: a view, weights shared
     with step("Planning adapters"):
         plan = build_plan(sp, loaded.module, merge_all=merge, train=train, seed=seed)

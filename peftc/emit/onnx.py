@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from peftc.atomic import check_file_target, finish_file
 from peftc.emit.fold_for_export import fold_for_export
 from peftc.errors import PeftcError
+from peftc.low_precision import check_runnable_in_onnxruntime, onnx_tol
 from peftc.models import fresh_like
 from peftc.progress import step
 from peftc.quiet import quiet_libraries
@@ -114,9 +115,14 @@ def _export(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool)
 
 
 def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None,
-                *, check: bool = True, tol: float = 1e-4) -> OnnxCheck | None:
+                *, check: bool = True, tol: float | None = None) -> OnnxCheck | None:
+    """`tol`: the check's max abs diff (default by the graph's dtype: 1e-4, float16 1e-2); a bfloat16 graph is
+    refused when checked (onnxruntime's CPU provider cannot run it)."""
     path = Path(path)
     inputs = inputs if inputs is not None else gm.peftc_inputs
+    if check:
+        check_runnable_in_onnxruntime(gm)
+    tol = onnx_tol(gm) if tol is None else tol
     nbytes = sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))
     external = nbytes > TWO_GB
     check_file_target(path)
