@@ -145,11 +145,31 @@ def refresh_frozen(gm: fx.GraphModule, changed: Iterable[str] | None = None, sta
     return done
 
 
+def _slot(gm: fx.GraphModule, path: str) -> tuple[dict, str]:
+    """The dict that holds the tensor at `path` (its module's parameters or buffers) and its key there."""
+    *parents, leaf = path.split(".")
+    mod = get_path(gm, ".".join(parents)) if parents else gm
+    return (mod._parameters if leaf in mod._parameters else mod._buffers), leaf
+
+
 def _refresh_stale(gm: fx.GraphModule, args: Any, kwargs: Any = None) -> None:
-    """Forward pre-hook: recompute constants whose sources changed in place (eager runs only)."""
+    """Forward pre-hook: recompute constants whose sources changed in place (eager runs only). The sources'
+    slots are looked up once per module (a dict read per source and forward after that)."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return
-    refresh_frozen(gm, stale_only=True)
+    manifest: Manifest | None = getattr(gm, "peftc", None)
+    if manifest is None or not manifest.frozen:
+        return
+    slots = gm.__dict__.get("_peftc_frozen_slots")
+    if slots is None or len(slots) != len(manifest.frozen):
+        slots = [(fc, [_slot(gm, p) for p in fc.sources]) for fc in manifest.frozen.values()]
+        gm.__dict__["_peftc_frozen_slots"] = slots
+    for fc, where in slots:
+        for (d, key), seen in zip(where, fc.versions):
+            t = d.get(key)
+            if t is None or t._version != seen:
+                refresh_frozen(gm, stale_only=True)
+                return
 
 
 def _install_hook(gm: fx.GraphModule) -> None:
