@@ -164,3 +164,16 @@ def test_inductor_fullgraph_dora_equals_peft(tmp_path):
         out = logits_of(compiled(**x))
     assert max_diff(out, run_logits(pm, x)) <= TOL
     assert max_diff(out, run_logits(base, x)) > CHANGED
+
+
+def test_exported_program_keeps_the_stored_norm(dora_peft):
+    """torch.export of an inference compile (what .pt2 and ONNX are made from) reads the stored constants: no
+    norm is computed in the exported graph (the refresh hook does not run while exporting)."""
+    from peftc.emit.pt2 import export_graph
+    base, _, d = dora_peft
+    gm = compile_on(f'adapter default: import "{d}"', "llama", copy.deepcopy(base))
+    ep = export_graph(gm, gm.peftc_inputs)
+    ops = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not [o for o in ops if "norm" in o and "layer" not in o], sorted(ops)
+    assert all(any(path in k for k in ep.state_dict) or any(path in k for k in ep.constants)
+               for path in gm.peftc.frozen)
