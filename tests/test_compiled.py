@@ -131,6 +131,11 @@ def test_constants_follow_in_place_changes_of_adapter_tensors(dora_peft):
     assert [gm.peftc.frozen[p].layer for p in done] == [layer]
     assert max_diff(run_logits(gm, x), run_logits(pm, x)) <= TOL
     assert len(peftc.refresh_frozen(gm)) == len(gm.peftc.frozen)
+    with torch.no_grad():                    # a tensor replaced by another one (same version counter or not)
+        theirs.mul_(2.0)
+    owner = gm.get_submodule(key.rpartition(".")[0])
+    owner.weight = torch.nn.Parameter(owner.weight.detach() * 2.0)
+    assert max_diff(run_logits(gm, x), run_logits(pm, x)) <= TOL
 
 
 def test_training_compile_keeps_live_norm_and_trains_like_peft(dora_peft):

@@ -9,8 +9,9 @@ here: any `detach(f(stored tensors))` of a method's weight expression qualifies.
 Each constant is a buffer `peftc_frozen_N`, computed in the graph's own dtype (so outputs equal the live form's
 bit for bit). `manifest.frozen[path]` records the tensors it derives from (`sources`, attribute paths) and a
 small fx graph that recomputes it from them. When a source tensor changes in place (an optimizer step on an
-inference compile, `load_state_dict`, swapping adapter weights), its version counter moves: an eager forward
-notices (a forward pre-hook compares the counters) and recomputes the stale constants first. Code that runs
+inference compile, `load_state_dict`, swapping adapter weights), its version counter moves, and when it is
+replaced by another tensor its identity changes: an eager forward notices (a forward pre-hook compares both) and
+recomputes the constants first. Code that runs
 under torch.compile / torch.export (no hook runs there) or replaces tensors without an in-place op calls
 `refresh_frozen(gm)` (every constant, or those that derive from the given paths). A training compile
 (`train=True`) keeps the live form: nothing to refresh.
@@ -153,23 +154,28 @@ def _slot(gm: fx.GraphModule, path: str) -> tuple[dict, str]:
 
 
 def _refresh_stale(gm: fx.GraphModule, args: Any, kwargs: Any = None) -> None:
-    """Forward pre-hook: recompute constants whose sources changed in place (eager runs only). The sources'
-    slots are looked up once per module (a dict read per source and forward after that)."""
+    """Forward pre-hook: recompute the constants when a source changed in place (its version counter moved) or
+    was replaced by another tensor (eager runs only). The sources' slots are looked up once per module (a dict
+    read per source and forward after that)."""
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return
     manifest: Manifest | None = getattr(gm, "peftc", None)
     if manifest is None or not manifest.frozen:
         return
-    slots = gm.__dict__.get("_peftc_frozen_slots")
-    if slots is None or len(slots) != len(manifest.frozen):
-        slots = [(fc, [_slot(gm, p) for p in fc.sources]) for fc in manifest.frozen.values()]
-        gm.__dict__["_peftc_frozen_slots"] = slots
-    for fc, where in slots:
-        for (d, key), seen in zip(where, fc.versions):
-            t = d.get(key)
-            if t is None or t._version != seen:
-                refresh_frozen(gm, stale_only=True)
-                return
+    cache = gm.__dict__.get("_peftc_frozen_slots")
+    if cache is None or len(cache) != len(manifest.frozen):
+        cache = []
+        for fc in manifest.frozen.values():
+            where = [_slot(gm, p) for p in fc.sources]
+            cache.append((fc, where, [id(d.get(key)) for d, key in where]))
+        gm.__dict__["_peftc_frozen_slots"] = cache
+    for fc, where, ids in cache:
+        current = [d.get(key) for d, key in where]
+        if [id(t) for t in current] != ids or [t._version for t in current] != fc.versions:
+            refresh_frozen(gm)
+            for _, where2, ids2 in cache:
+                ids2[:] = [id(d.get(key)) for d, key in where2]
+            return
 
 
 def _install_hook(gm: fx.GraphModule) -> None:
