@@ -33,6 +33,7 @@ _EXPORTS = {
     "lower_to_lora": "peftc.lower",
     "PeftcError": "peftc.errors",
     "PeftcWarning": "peftc.errors",
+    "refresh_frozen": "peftc.rewrite.freeze_detached",
 }
 __all__ = list(_EXPORTS)
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below d
     from peftc.errors import PeftcError, PeftcWarning  # noqa: F401
     from peftc.lower import lower_to_lora  # noqa: F401
     from peftc.pipeline import compile, compile_model  # noqa: F401
+    from peftc.rewrite.freeze_detached import refresh_frozen  # noqa: F401
     from peftc.spec.parse import parse_spec, read_spec  # noqa: F401
     from peftc.stream_merge import merge_model  # noqa: F401
 

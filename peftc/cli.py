@@ -1,7 +1,7 @@
 """The `peftc` command line (argparse: in the standard library, and enough for a handful of subcommands).
 
-    peftc compile SPEC MODEL -o OUT.pt2 [--merge] [--train] [--adapter-ids] [--dump-after PASS]
-    peftc export  SPEC MODEL -o OUT.onnx [--merge] [--no-check] [--adapter-ids] [--adapters-as-inputs]
+    peftc compile SPEC MODEL -o OUT.pt2 [--merge] [--train] [--adapter-ids] [--dump-after PASS] [--dtype DTYPE]
+    peftc export  SPEC MODEL -o OUT.onnx [--merge] [--no-check] [--adapter-ids] [--adapters-as-inputs] [--dtype DTYPE]
     peftc export  SPEC MODEL --with-past -o OUT_DIR [--merge]   (decoder with KV cache, runs in onnxruntime-genai)
     peftc export-adapter ADAPTER_DIR --like MODEL.onnx -o OUT.onnx_adapter   (a file for a switchable model)
     peftc save    SPEC MODEL -o DIR            (PEFT checkpoint of the spec's adapters)
@@ -69,6 +69,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="example input for tracing, repeatable (e.g. x=9x10:float32, input_ids=2x16:int64)")
 
 
+def _dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"),
+                   help="cast the model to DTYPE before compiling (adapters are folded in float32 from its exact "
+                        "weights and cast once); e.g. a bfloat16 model exported as float16 for onnxruntime on CPU")
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="peftc", description="Compile parameter-efficient fine-tuning adapters.")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress or notes (results still print)")
@@ -93,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(declaration order), -1 the base model")
     p.add_argument("--dump-after", metavar="PASS", choices=PASS_NAMES,
                    help="print the graph after PASS: " + ", ".join(PASS_NAMES))
+    _dtype_arg(p)
 
     p = spec_model("export", "compile a spec onto a model and write ONNX, checked in onnxruntime")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (with --with-past: an output directory)")
@@ -112,8 +119,10 @@ def _parser() -> argparse.ArgumentParser:
                         "whose default (rank 0) gives the base model, and <adapter>.onnx_adapter files are written "
                         "beside OUT.onnx, one per adapter of the spec, for onnxruntime.LoraAdapter and "
                         "RunOptions.add_active_adapter; additive methods only (LoRA, LoHa, LoKr, AdaLoRA, ...)")
-    p.add_argument("--tol", type=float, default=1e-4, help="max abs diff allowed between onnxruntime and torch")
+    p.add_argument("--tol", type=float, default=None,
+                   help="max abs diff allowed between onnxruntime and torch (default 1e-4; 1e-2 for float16 models)")
     p.add_argument("--dump-after", metavar="PASS", choices=PASS_NAMES, help="print the graph after PASS")
+    _dtype_arg(p)
 
     p = spec_model("save", "write the spec's adapters as a PEFT checkpoint (adapter_config.json + safetensors)")
     p.add_argument("-o", "--output", required=True, help="output directory")
@@ -531,14 +540,13 @@ def _run(args: argparse.Namespace) -> int:
     from peftc.pipeline import compile_model
     t0 = time.perf_counter()
     merge = getattr(args, "merge", False)
+    from peftc.low_precision import DTYPES
+    dtype = DTYPES[args.dtype] if getattr(args, "dtype", None) else None
     with_past = getattr(args, "with_past", False)
-    if with_past and getattr(args, "adapters_as_inputs", False):
-        raise PeftcError("--with-past with --adapters-as-inputs is not supported yet: export the generation-ready "
-                         "model with the adapters merged (--merge) or live in the graph")
     compiled = compile_model(spec, args.model, merge=merge, train=getattr(args, "train", False),
                              example_inputs=args.example_input, dump_after=getattr(args, "dump_after", None),
                              adapter_ids=getattr(args, "adapter_ids", False), with_past=with_past,
-                             adapters_as_inputs=getattr(args, "adapters_as_inputs", False))
+                             adapters_as_inputs=getattr(args, "adapters_as_inputs", False), dtype=dtype)
     t_compile = time.perf_counter() - t0
     gm = compiled.gm
     _warnings(compiled.plan)

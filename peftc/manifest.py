@@ -45,6 +45,9 @@ class Manifest:
     pinned: set[str] = field(default_factory=set)        # frozen tensors of live adapters: never constant-folded
     registered: set[str] = field(default_factory=set)    # every attribute path peftc added
     base_model_name_or_path: str | None = None
+    # constants of an inference compile computed from adapter tensors (rewrite/freeze_detached.py): path ->
+    # FrozenConstant(sources, adapters, recipe, layer); recompute them with refresh_frozen(gm) when those change
+    frozen: dict[str, Any] = field(default_factory=dict)
 
 
 def adapter_record(name: str, ap: AdapterPlan) -> AdapterRecord:

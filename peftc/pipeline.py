@@ -27,6 +27,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from peftc.errors import PeftcError
 from peftc.library import Library, library
+from peftc.low_precision import cast_model
 from peftc.manifest import Manifest
 from peftc.models import LoadedModel, load_model
 from peftc.optional_inputs import add_optional_inputs
@@ -38,6 +39,7 @@ from peftc.rewrite.eliminate_dead_code import eliminate_dead_code
 from peftc.rewrite.explain import dense_layers, describe
 from peftc.rewrite.factor import factor
 from peftc.rewrite.fold_frozen import fold_frozen
+from peftc.rewrite.freeze_detached import freeze_detached
 from peftc.rewrite.fuse_shared_input import fuse_shared_input
 from peftc.rewrite.gate_adapters import gate_adapters
 from peftc.rewrite.insert_adapters import insert_adapters
@@ -152,10 +154,14 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
                   dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0,
                   observe: Callable[[str, fx.GraphModule], None] | None = None,
                   adapter_ids: bool = False, switchable: bool = False, max_adapters: int | None = None,
-                  max_rank: int | None = None, adapters_as_inputs: bool = False, with_past: bool = False) -> Compiled:
+                  max_rank: int | None = None, adapters_as_inputs: bool = False, with_past: bool = False,
+                  freeze: bool | None = None, dtype: torch.dtype | None = None) -> Compiled:
     """`compile` with its options, returning the graph with the plan and the loaded model. `with_past`: trace the
     decoder with its key/value cache as flat inputs and outputs (peftc.generation), for a generation-ready
-    export."""
+    export. `freeze` (default: `not train`, and off with `adapters_as_inputs`, whose adapter tensors become
+    inputs): compute once the gradient-free values that depend on adapter tensors (DoRA's weight norm;
+    rewrite/freeze_detached.py); `gm.peftc.frozen` says what each derives from. `dtype`: cast the model (a copy
+    of a caller's module) and its float example inputs before tracing."""
     if dump_after is not None and dump_after not in PASSES:
         raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
     sp = expand_combinations(load_spec(spec))   # combinations computed once, before the model loads
@@ -169,6 +175,9 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         sp = switchable_spec(sp, merge)
     with step("Loading model"):
         loaded = load_model(model, example_inputs)
+        if dtype is not None:
+            loaded.module, loaded.inputs = cast_model(loaded.module, loaded.inputs, dtype,
+                                                      owned=not isinstance(model, nn.Module))
         loaded.module = with_replication(sp, loaded.module)   # peft's layer_replication: a view, weights shared
         if with_past:
             from peftc.generation import with_past as wrap_with_past
@@ -219,6 +228,9 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
             dump(f"# graph after pass '{name}'\n{describe(gm)}")
         if observe is not None:   # `peftc graph`: the graph after each pass
             observe(name, gm)
+    if (not train and not adapters_as_inputs) if freeze is None else freeze:
+        with step("Freezing constants"):
+            gm = freeze_detached(manifest)(gm).graph_module
     dense = dense_layers(gm, {n: layer.shape for n, layer in plan.layers.items()}, manifest.live)
     gm.peftc = manifest
     gm.peftc_inputs = dict(loaded.inputs)
@@ -253,6 +265,9 @@ def compile(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = Fa
     `spec`: a .peft path, spec text, or Spec. `model`: an nn.Module or any MODEL reference the CLI takes.
     `merge`: fold every active adapter into the base weights. `train`: include adapter dropout (the module
     is returned in training mode; unmerged adapter tensors require grad either way, base weights never do).
+    Without `train`, values that depend on adapter tensors but carry no gradient (DoRA's weight norm) are
+    computed once here (see `refresh_frozen` after changing adapter tensors in place); with `train` they are
+    recomputed on every forward.
     `adapter_ids`: the graph takes one more input, `adapter_ids` (int64, [batch]): row b runs the spec's
     `adapter_ids[b]`-th adapter (declaration order), -1 the base model.
 

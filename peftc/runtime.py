@@ -346,6 +346,11 @@ class Runtime:
             for sname, t in shared.items():
                 dst = get_path(self.gm, slot.shared[sname])
                 dst.copy_(t.to(dst.dtype))
+        # constants an inference compile derived from these tensors (DoRA's norm): recomputed now, so that a
+        # torch.compile'd module (where the eager staleness check does not run) sees the new adapter too
+        from peftc.rewrite.freeze_detached import refresh_frozen
+        refresh_frozen(self.gm, [*(path for ps in slot.params.values() for path in ps.values()),
+                                 *slot.shared.values()])
         slot.ratio = ratios
         if slot.holds != name:
             slot.holds, slot.seq = name, max(s.seq for s in self.slots.values()) + 1

@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from peftc.atomic import check_file_target, finish_file
 from peftc.emit.fold_for_export import fold_for_export
 from peftc.errors import PeftcError
+from peftc.low_precision import check_runnable_in_onnxruntime, onnx_tol
 from peftc.models import fresh_like
 from peftc.progress import step
 from peftc.quiet import quiet_libraries
@@ -120,12 +121,14 @@ def _export(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool,
 
 
 def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None,
-                *, check: bool = True, tol: float = 1e-4, adapters_as_inputs: bool = False,
+                *, check: bool = True, tol: float | None = None, adapters_as_inputs: bool = False,
                 rename: dict[str, str] | None = None,
                 check_inputs: list[dict[str, torch.Tensor]] | None = None) -> Any:
     """Write `gm` as ONNX and check it in onnxruntime against `gm` on `check_inputs` (default: a fresh input
     of another batch size and length); returns the worst check (an OnnxCheck), or None without check.
-    `rename`: graph input name -> ONNX input name, where they differ.
+    `tol`: the check's max abs diff (default by the graph's dtype: 1e-4, float16 1e-2); a bfloat16 graph is
+    refused when checked (onnxruntime's CPU provider cannot run it). `rename`: graph input name -> ONNX input
+    name, where they differ.
 
     `adapters_as_inputs=True` (gm compiled with `adapters_as_inputs=True`): the adapter tensors become graph inputs
     with "no adapter" defaults, and `<adapter>.onnx_adapter` files are written beside `path` (see
@@ -133,10 +136,15 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
     if adapters_as_inputs:
         if rename or check_inputs:
             raise PeftcError("export_onnx: adapters_as_inputs takes neither rename nor check_inputs")
+        if check:
+            check_runnable_in_onnxruntime(gm)
         from peftc.emit.onnx_adapters import export_switchable
-        return export_switchable(gm, path, inputs, check=check, tol=tol)
+        return export_switchable(gm, path, inputs, check=check, tol=onnx_tol(gm) if tol is None else tol)
     path = Path(path)
     inputs = inputs if inputs is not None else gm.peftc_inputs
+    if check:
+        check_runnable_in_onnxruntime(gm)
+    tol = onnx_tol(gm) if tol is None else tol
     nbytes = sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))
     external = nbytes > TWO_GB
     check_file_target(path)
