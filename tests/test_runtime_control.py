@@ -10,7 +10,7 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import MODELS, TOL, inputs_for, max_diff, randomize_, run_logits
+from conftest import CHANGED, MODELS, TOL, inputs_for, max_diff, randomize_, run_logits
 
 import peftc
 from peftc.errors import PeftcError
@@ -387,3 +387,25 @@ def test_hot_swap_under_torch_compile_does_not_recompile(ckpts):
 @pytest.mark.slow
 def test_hot_swap_under_inductor_does_not_recompile(ckpts):
     _no_recompile("inductor", ckpts, SWAPS[:3])
+
+
+def test_dora_hot_swap_under_torch_compile_refreshes_its_frozen_norm(ckpts):
+    """An inference compile stores DoRA's weight norm as a constant (pass freeze_detached); a hot swap under
+    torch.compile, where no eager staleness check runs, must recompute it: outputs are the new checkpoint's."""
+    import torch._dynamo as dynamo
+    model = "llama"
+    gm = peftc.compile(_spec({"i": ckpts(model, "o")}), MODELS[model](), switchable=True)
+    assert gm.peftc.frozen, "the DoRA norm should be a stored constant in an inference compile"
+    x = inputs_for(model)
+    dynamo.reset()
+    fast = torch.compile(gm, backend="aot_eager")
+    with torch.no_grad():
+        first = fast(**x)["logits"]
+    want_first = run_logits(peft.PeftModel.from_pretrained(MODELS[model](), str(ckpts(model, "o"))).eval(), x)
+    assert max_diff(first, want_first) <= TOL
+    with dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        gm.load_adapter(ckpts(model, "o2"), adapter_name="i", hotswap=True)
+        got = fast(**x)["logits"]
+    want = run_logits(peft.PeftModel.from_pretrained(MODELS[model](), str(ckpts(model, "o2"))).eval(), x)
+    assert max_diff(got, want) <= TOL and max_diff(want, want_first) > CHANGED
+    dynamo.reset()
