@@ -20,7 +20,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 PNG = RESULTS / "ratios.png"
 BLOCK = re.compile(r"(<!-- results: (?P<file>[\w.\-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
-PLOTTED = ("latest.json", "methods.json", "many.json", "generate.json")
+PLOTTED = ("latest.json", "methods.json", "many.json", "generate.json", "compiled.json")
 
 
 def render_readme(text: str) -> str:
@@ -78,6 +78,12 @@ def _series() -> list[tuple[str, list[str], list[tuple[str, list[float]]]]]:
         rows = json.loads(p.read_text())["rows"]
         panels.append(("decode tokens/s, small-llama (vs transformers eager generate)", [r["variant"] for r in rows],
                        [("tokens/s / transformers", [r["ratio_vs_transformers"] for r in rows])]))
+    p = RESULTS / "compiled.json"
+    if p.exists():
+        rows = {r["library"]: r for r in json.loads(p.read_text())["rows"]}
+        panels.append(("torch.compile (inductor), small-llama, unmerged (vs compiled base)", ["LoRA", "DoRA"],
+                       [(lib, [rows[lib]["lora_vs_base"], rows[lib]["dora_vs_base"]]) for lib in ("peft", "peftc")
+                        if lib in rows]))
     return panels
 
 
