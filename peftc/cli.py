@@ -2,7 +2,7 @@
 
     peftc compile SPEC MODEL -o OUT.pt2 [--merge] [--train] [--adapter-ids] [--dump-after PASS] [--dtype DTYPE]
     peftc export  SPEC MODEL -o OUT.onnx [--merge] [--no-check] [--adapter-ids] [--adapters-as-inputs] [--dtype DTYPE]
-    peftc export  SPEC MODEL --with-past -o OUT_DIR [--merge]   (decoder with KV cache, runs in onnxruntime-genai)
+    peftc export  SPEC MODEL --with-past -o OUT_DIR [--merge | --adapters-as-inputs]  (KV cache; onnxruntime-genai)
     peftc export-adapter ADAPTER_DIR --like MODEL.onnx -o OUT.onnx_adapter   (a file for a switchable model)
     peftc save    SPEC MODEL -o DIR            (PEFT checkpoint of the spec's adapters)
     peftc check   SPEC MODEL
@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
                         "position_ids and past_key_values.N.key/.value and returning logits and present.N.key/.value "
                         "(optimum's names, dynamic batch/sequence/past length), config.json, generation_config.json, "
                         "the model directory's tokenizer files and genai_config.json (onnxruntime-genai runs OUT_DIR); "
-                        "adapters merged (--merge) or live in the graph")
+                        "adapters merged (--merge), live in the graph, or switchable (--adapters-as-inputs: "
+                        "OUT_DIR/<adapter>.onnx_adapter for onnxruntime_genai.Adapters)")
     p.add_argument("--merge", action="store_true", help="fold every active adapter into the base weights")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
     p.add_argument("--adapter-ids", action="store_true",
@@ -117,8 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters-as-inputs", action="store_true",
                    help="switchable adapters (onnxruntime's adapter convention): each adapter tensor is a graph input "
                         "whose default (rank 0) gives the base model, and <adapter>.onnx_adapter files are written "
-                        "beside OUT.onnx, one per adapter of the spec, for onnxruntime.LoraAdapter and "
-                        "RunOptions.add_active_adapter; additive methods only (LoRA, LoHa, LoKr, AdaLoRA, ...)")
+                        "beside OUT.onnx (with --with-past: in OUT_DIR), one per adapter of the spec, for "
+                        "onnxruntime.LoraAdapter and RunOptions.add_active_adapter (onnxruntime-genai: og.Adapters); "
+                        "additive methods only (LoRA, LoHa, LoKr, AdaLoRA, ...)")
     p.add_argument("--tol", type=float, default=None,
                    help="max abs diff allowed between onnxruntime and torch (default 1e-4; 1e-2 for float16 models)")
     p.add_argument("--dump-after", metavar="PASS", choices=PASS_NAMES, help="print the graph after PASS")
@@ -566,22 +568,26 @@ def _run(args: argparse.Namespace) -> int:
         save_pt2(gm, args.output)
         _result(f"wrote {args.output}: {summary} (compile {t_compile:.1f}s, total {time.perf_counter() - T0:.1f}s)")
         return 0
-    if args.cmd == "export" and args.adapters_as_inputs:
-        return _export_switchable(args, gm, summary, t_compile)
     if args.cmd == "export" and with_past:
         from pathlib import Path
 
         from peftc.emit.generation import export_generation
         done = export_generation(gm, args.output, compiled.model.config, source=args.model,
-                                 check=not args.no_check, tol=args.tol)
+                                 check=not args.no_check, tol=args.tol, adapters_as_inputs=args.adapters_as_inputs)
         files = sorted(f.name for f in Path(args.output).iterdir())
+        if done.switch is not None:
+            summary += f"; {len(done.switch.inputs)} adapter inputs"
         _result(f"wrote {args.output} ({', '.join(files)}): {summary}; key/value cache of "
                 f"{_plural(done.layout.num_layers, 'layer')} (compile {t_compile:.1f}s, "
                 f"total {time.perf_counter() - T0:.1f}s)")
+        steps = "a first step with an empty past and a later step with a filled one"
         if done.check is not None:
-            _result(f"onnxruntime check: max abs diff {done.check.max_abs_diff:.2e} vs torch (a first step with an "
-                    "empty past and a later step with a filled one)")
+            _result(f"onnxruntime check: max abs diff {done.check.max_abs_diff:.2e} vs torch ({steps})")
+        if done.switch is not None and done.switch.check is not None:
+            _switch_check(done.switch, steps)
         return 0
+    if args.cmd == "export" and args.adapters_as_inputs:
+        return _export_switchable(args, gm, summary, t_compile)
     if args.cmd == "export":
         from peftc.emit.onnx import export_onnx
         result = export_onnx(gm, args.output, check=not args.no_check, tol=args.tol)
@@ -601,13 +607,18 @@ def _export_switchable(args: argparse.Namespace, gm: object, summary: str, t_com
     _result(f"wrote {args.output}: {summary}; {len(done.inputs)} adapter inputs; wrote {files} "
             f"(compile {t_compile:.1f}s, total {time.perf_counter() - T0:.1f}s)")
     if done.check is not None:
-        c = done.check
-        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in c.input_shapes.items())
-        _result(f"onnxruntime check, one session ({shapes}): no adapter file: max abs diff {c.base_diff:.2e} vs "
-                "the base model")
-        for name, d in c.adapter_diffs.items():
-            _result(f"onnxruntime check, one session: {done.adapters[name].name}: max abs diff {d:.2e} vs torch")
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in done.check.input_shapes.items())
+        _switch_check(done, shapes)
     return 0
+
+
+def _switch_check(done: object, where: str) -> None:
+    """The lines of an adapters-as-inputs check (a SwitchExport's): no file, then each file."""
+    c = done.check
+    _result(f"onnxruntime check, one session ({where}): no adapter file: max abs diff {c.base_diff:.2e} vs "
+            "the base model")
+    for name, d in c.adapter_diffs.items():
+        _result(f"onnxruntime check, one session: {done.adapters[name].name}: max abs diff {d:.2e} vs torch")
 
 
 def _export_adapter(args: argparse.Namespace) -> int:

@@ -149,6 +149,18 @@ def generation_inputs(layout: CacheLayout, vocab: int, batch: int = 2, seq: int 
     return inputs
 
 
+def check_inputs(layout: CacheLayout, vocab: int) -> list[dict[str, torch.Tensor]]:
+    """The inputs an export is checked on: a first step (empty past, 4 tokens, batch 2) and a later one (a
+    filled past of 6, one token, batch 3)."""
+    return [generation_inputs(layout, vocab, batch=2, seq=4, past=0, seed=1),
+            generation_inputs(layout, vocab, batch=3, seq=1, past=6, seed=2)]
+
+
+def onnx_renames(names: Any) -> dict[str, str]:
+    """Graph input name -> ONNX input name, for the inputs whose names differ (the past key/value tensors)."""
+    return {n: onnx_name(n) for n in names if onnx_name(n) != n}
+
+
 def generation_axes(n_layers: int) -> DynamicAxes:
     names = {"input_ids": {0: BATCH, 1: SEQUENCE}, "position_ids": {0: BATCH, 1: SEQUENCE},
              "attention_mask": {0: BATCH, 1: TOTAL}}

@@ -131,9 +131,6 @@ def check_modes(*, merge: bool, adapter_ids: bool, switchable: bool, adapters_as
     if adapters_as_inputs and adapter_ids:
         raise PeftcError("--adapters-as-inputs and --adapter-ids do not go together: onnxruntime activates "
                          "one set of adapter files per run, for every row")
-    if adapters_as_inputs and with_past:
-        raise PeftcError("--with-past with --adapters-as-inputs is not supported yet: export the "
-                         "generation-ready model with the adapters merged (--merge) or live in the graph")
     if with_past and adapter_ids:
         raise PeftcError("--with-past and --adapter-ids together are not supported (onnxruntime-genai feeds "
                          "no adapter_ids); export one or the other")

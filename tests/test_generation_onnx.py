@@ -6,6 +6,11 @@ plain onnxruntime loop over the cache (first step with an empty past) equal `tra
 `merge_and_unload()` of the same checkpoint. The same through onnxruntime-genai (`og.Model(OUT_DIR)`) for Llama
 (exported unmerged, with the CLI, from a model directory with a tokenizer), Qwen2 and Gemma. Negative controls show
 the comparison can fail: the base model, or a loop that drops the past, gives other tokens.
+
+Switchable (`--with-past --adapters-as-inputs`, one export of Llama with two LoRA adapters, plus a third checkpoint
+of another rank turned into a file by `peftc export-adapter`): onnxruntime-genai with each `.onnx_adapter` active
+(`og.Adapters`, `set_active_adapter`) and with none, and a plain onnxruntime loop with `RunOptions`, give the
+tokens of `generate` on peft's `merge_and_unload()` of that adapter (the base model for none).
 """
 from __future__ import annotations
 
@@ -62,10 +67,19 @@ def hf_greedy(model: nn.Module, ids: torch.Tensor, n: int = NEW) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-def ort_greedy(out_dir: Path, ids: torch.Tensor, n: int = NEW, keep_past: bool = True) -> list[int]:
-    """A plain onnxruntime loop over the key/value cache (first step: an empty past of length 0)."""
+def ort_greedy(out_dir: Path, ids: torch.Tensor, n: int = NEW, keep_past: bool = True,
+               adapter: Path | None = None) -> list[int]:
+    """A plain onnxruntime loop over the key/value cache (first step: an empty past of length 0); `adapter`: an
+    .onnx_adapter file active in every run (RunOptions.add_active_adapter)."""
     import onnxruntime as ort
-    sess = ort.InferenceSession(str(out_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3    # an adapter input is also an initializer: onnxruntime warns once per tensor
+    sess = ort.InferenceSession(str(out_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    ro = ort.RunOptions()
+    if adapter is not None:
+        loaded = ort.LoraAdapter()
+        loaded.Load(str(adapter))
+        ro.add_active_adapter(loaded)
     past = {i.name: i for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
     empty = {name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for name, i in past.items()}
     outputs = [o.name for o in sess.get_outputs()]
@@ -74,7 +88,7 @@ def ort_greedy(out_dir: Path, ids: torch.Tensor, n: int = NEW, keep_past: bool =
              "position_ids": np.arange(tokens.shape[1])[None], **empty}
     got: list[int] = []
     for _ in range(n):
-        res = dict(zip(outputs, sess.run(None, feeds)))
+        res = dict(zip(outputs, sess.run(None, feeds, ro)))
         tok = int(res["logits"][0, -1].argmax())
         got.append(tok)
         tokens = np.concatenate([tokens, [[tok]]], axis=1)
@@ -89,13 +103,21 @@ def ort_greedy(out_dir: Path, ids: torch.Tensor, n: int = NEW, keep_past: bool =
     return got
 
 
-def genai_greedy(out_dir: Path, ids: torch.Tensor, n: int = NEW) -> list[int]:
-    """onnxruntime-genai on OUT_DIR as written (greedy; it stops at the end token)."""
+def genai_greedy(out_dir: Path, ids: torch.Tensor, n: int = NEW, adapters: dict[str, Path] | None = None,
+                 active: str | None = None) -> list[int]:
+    """onnxruntime-genai on OUT_DIR as written (greedy; it stops at the end token). `adapters`: name -> file, loaded
+    with og.Adapters; `active`: the one set active on the generator (None: no adapter)."""
     og = pytest.importorskip("onnxruntime_genai")
     model = og.Model(str(out_dir))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=ids.shape[1] + n, do_sample=False)
     gen = og.Generator(model, params)
+    if adapters:
+        loaded = og.Adapters(model)
+        for name, f in adapters.items():
+            loaded.load(str(f), name)
+        if active is not None:
+            gen.set_active_adapter(loaded, active)
     gen.append_tokens(ids.numpy().astype(np.int32))
     while not gen.is_done():
         gen.generate_next_token()
@@ -114,12 +136,13 @@ class Exported:
     merged: nn.Module      # peft's merge_and_unload() of the same checkpoint
 
 
-def _peft_checkpoint(family: str, d: Path) -> tuple[nn.Module, nn.Module]:
+def _peft_checkpoint(family: str, d: Path, seed: int = 1, r: int = 4, targets: list[str] | None = None
+                     ) -> tuple[nn.Module, nn.Module]:
     from peft import LoraConfig, get_peft_model
     base = build(family)
-    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=FAMILIES[family][3],
-                                                        init_lora_weights=False)).eval()
-    randomize_(pm, seed=1, scale=0.3)
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets or
+                                                        FAMILIES[family][3], init_lora_weights=False)).eval()
+    randomize_(pm, seed=seed, scale=0.3)
     pm.save_pretrained(str(d))
     return base, pm.merge_and_unload().eval()
 
@@ -267,3 +290,75 @@ def test_with_past_refuses_flags_it_cannot_honour(tmp_path, capsys, flag, messag
     assert main(["-q", "export", str(spec), "tiny-llama", "--with-past", *flag, "-o", str(tmp_path / "out")]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# the switchable export: adapter -> (seed, rank, targets); `chat` and `code` are in the spec, `chat2` (another rank)
+# fills chat's inputs through `peftc export-adapter`
+SWITCH = {"chat": (4, 4, ["q_proj", "v_proj"]), "code": (4, 4, ["q_proj", "o_proj", "down_proj"]),
+          "chat2": (5, 2, ["q_proj", "v_proj"])}
+SWITCH_NEW = 12
+
+
+@dataclass
+class Switchable:
+    out_dir: Path
+    files: dict[str, Path]            # adapter -> its .onnx_adapter file in out_dir
+    merged: dict[str | None, nn.Module]   # adapter -> peft's merge_and_unload() of it; None -> the base model
+
+
+@pytest.fixture(scope="session")
+def switch_llama(tmp_path_factory):
+    """Llama exported by the CLI with --with-past --adapters-as-inputs (adapters chat and code), plus chat2.onnx_adapter
+    written into the folder by `peftc export-adapter --adapter chat`."""
+    root = tmp_path_factory.mktemp("gen-switch")
+    merged: dict[str | None, nn.Module] = {}
+    for name, (seed, r, targets) in SWITCH.items():
+        merged[None], merged[name] = _peft_checkpoint("llama", root / name, seed=seed, r=r, targets=targets)
+    merged[None].save_pretrained(str(root / "model"))
+    spec = root / "two.peft"
+    spec.write_text(f'adapter chat: import "{root / "chat"}"\nadapter code: import "{root / "code"}"\n')
+    out = root / "out"
+    assert main(["-q", "export", str(spec), str(root / "model"), "--with-past", "--adapters-as-inputs",
+                 "-o", str(out)]) == 0
+    assert main(["-q", "export-adapter", str(root / "chat2"), "--like", str(out / "model.onnx"), "--adapter", "chat",
+                 "-o", str(out / "chat2.onnx_adapter")]) == 0
+    return Switchable(out, {name: out / f"{name}.onnx_adapter" for name in SWITCH}, merged)
+
+
+def test_switchable_folder_files_and_inputs(switch_llama):
+    import onnx
+    out = switch_llama.out_dir
+    assert {"model.onnx", "config.json", "generation_config.json", "genai_config.json", "chat.onnx_adapter",
+            "code.onnx_adapter"} <= {p.name for p in out.iterdir()}
+    graph = onnx.load(str(out / "model.onnx")).graph
+    names = [i.name for i in graph.input]
+    past = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert names[:7] == ["input_ids", "attention_mask", "position_ids", *past]
+    adapter_inputs = names[7:]
+    # each adapter input has a "no adapter" default (an initializer of the same name) with its rank 0
+    defaults = {t.name: list(t.dims) for t in graph.initializer if t.name in adapter_inputs}
+    assert defaults["model.layers.0.self_attn.q_proj.lora_A.chat.weight"] == [0, 64]
+    assert defaults["model.layers.0.self_attn.q_proj.lora_B.chat.weight"] == [64, 0]
+    assert set(defaults) == set(adapter_inputs)
+    # peft's in-memory names, one set per adapter (q_proj has inputs for both)
+    assert "model.layers.0.self_attn.q_proj.lora_A.chat.weight" in adapter_inputs
+    assert "model.layers.0.self_attn.q_proj.lora_A.code.weight" in adapter_inputs
+    assert len(adapter_inputs) == 2 * 2 * (2 + 3)    # layers x (A, B) x (chat's + code's targets)
+
+
+@pytest.mark.parametrize("active", [None, "chat", "code", "chat2"])
+def test_genai_switches_adapters_like_peft(switch_llama, active):
+    """onnxruntime-genai, all files loaded, one active (or none): the tokens of peft's merged adapter (or the base)."""
+    want = hf_greedy(switch_llama.merged[active], prompt(), SWITCH_NEW)
+    assert len(set(want)) >= 4, f"degenerate reference {want}: the comparison would prove little"
+    others = [hf_greedy(switch_llama.merged[a], prompt(), SWITCH_NEW) for a in [None, *SWITCH] if a != active]
+    assert all(o != want for o in others)    # each adapter (and none) generates its own tokens
+    got = genai_greedy(switch_llama.out_dir, prompt(), SWITCH_NEW, adapters=switch_llama.files, active=active)
+    assert got == until_eos(want) and len(got) == SWITCH_NEW
+
+
+@pytest.mark.parametrize("active", [None, "code", "chat2"])
+def test_onnxruntime_loop_with_run_options_like_peft(switch_llama, active):
+    want = hf_greedy(switch_llama.merged[active], prompt(), SWITCH_NEW)
+    adapter = switch_llama.files[active] if active else None
+    assert ort_greedy(switch_llama.out_dir, prompt(), SWITCH_NEW, adapter=adapter) == want

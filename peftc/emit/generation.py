@@ -3,8 +3,14 @@
 input/output names, `config.json`, `generation_config.json`, the model directory's tokenizer files, and a
 `genai_config.json` with which onnxruntime-genai runs the folder (`og.Model(OUT_DIR)`).
 
+With `adapters_as_inputs=True` (a graph compiled with adapters_as_inputs=True) the live adapters' tensors are
+graph inputs with "no adapter" defaults (onnxruntime's adapter convention, peftc.emit.onnx_adapters) and the
+folder holds one `<adapter>.onnx_adapter` per adapter of the spec, which onnxruntime-genai switches
+(`og.Adapters(model).load(file, name)`, `generator.set_active_adapter(adapters, name)`).
+
 The ONNX model is checked in onnxruntime against the torch graph on two inputs: a first step (empty past,
-several tokens) and a later step (a filled past, another batch size). The folder is written atomically.
+several tokens) and a later step (a filled past, another batch size); with adapters as inputs, with no adapter
+file (vs the base model) and with each file. The folder is written atomically.
 """
 from __future__ import annotations
 
@@ -19,12 +25,13 @@ from torch import fx
 from peftc.atomic import atomic_dir, check_new_dir
 from peftc.emit.onnx import OnnxCheck, export_onnx
 from peftc.errors import PeftcError
-from peftc.generation import TOTAL, CacheLayout, generation_inputs, onnx_name
+from peftc.generation import TOTAL, CacheLayout, check_inputs, onnx_renames
 from peftc.progress import step
 
 MODEL_FILE = "model.onnx"
 # files of a model directory that describe weights (not copied: the ONNX model holds the weights)
-_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data", ".index.json")
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data", ".onnx_adapter",
+            ".index.json")
 _WRITTEN = ("config.json", "generation_config.json", "genai_config.json")
 # model_type -> onnxruntime-genai's model type; others run as its generic "decoder"
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma": "gemma", "phi3": "phi3"}
@@ -36,6 +43,7 @@ class GenerationExport:
     check: OnnxCheck | None
     copied: list[str] = field(default_factory=list)
     layout: CacheLayout | None = None
+    switch: Any = None     # with adapters as inputs: the SwitchExport (its files in out_dir, its SwitchCheck)
 
 
 def _token_id(value: Any) -> Any:
@@ -126,9 +134,12 @@ def name_mask_axis(path: Path) -> None:
 
 
 def export_generation(gm: fx.GraphModule, out_dir: str | Path, config: Any, *, source: str | Path | None = None,
-                      check: bool = True, tol: float = 1e-4) -> GenerationExport:
+                      check: bool = True, tol: float | None = 1e-4, adapters_as_inputs: bool = False
+                      ) -> GenerationExport:
     """Write `out_dir` (see the module doc) from `gm`, compiled with `with_past=True`. `config`: the model's
-    Hugging Face config; `source`: its model directory (configs and tokenizer files are copied from it)."""
+    Hugging Face config; `source`: its model directory (configs and tokenizer files are copied from it).
+    `adapters_as_inputs` (gm compiled with adapters_as_inputs=True too): switchable adapters, one
+    `<adapter>.onnx_adapter` file each in `out_dir`; `.switch` of the result lists them with their check."""
     layout: CacheLayout | None = getattr(gm, "peftc_cache", None)
     if layout is None:
         raise PeftcError("a generation-ready export needs a graph compiled with --with-past (with_past=True)")
@@ -136,12 +147,15 @@ def export_generation(gm: fx.GraphModule, out_dir: str | Path, config: Any, *, s
     src = Path(source) if source is not None and Path(source).is_dir() else None
     check_new_dir(out, src)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    rename = {n: onnx_name(n) for n in gm.peftc_inputs if onnx_name(n) != n}
-    checks = [generation_inputs(layout, vocab, batch=2, seq=4, past=0, seed=1),
-              generation_inputs(layout, vocab, batch=3, seq=1, past=6, seed=2)]
+    rename = onnx_renames(gm.peftc_inputs)
+    checks = check_inputs(layout, vocab)
     gen = _generation_config(config, src)
+    switch = None
     with atomic_dir(out) as tmp:
-        done = export_onnx(gm, tmp / MODEL_FILE, check=check, tol=tol, rename=rename, check_inputs=checks)
+        done = export_onnx(gm, tmp / MODEL_FILE, check=check, tol=tol, rename=rename, check_inputs=checks,
+                           adapters_as_inputs=adapters_as_inputs)
+        if adapters_as_inputs:   # a SwitchExport: the model, its adapter files and their check
+            switch, done = done, None
         name_mask_axis(tmp / MODEL_FILE)
         with step("Writing config.json, generation_config.json, genai_config.json"):
             copied = _copy_model_files(src, tmp) if src is not None else []
@@ -151,5 +165,8 @@ def export_generation(gm: fx.GraphModule, out_dir: str | Path, config: Any, *, s
                 (tmp / "config.json").write_text(config.to_json_string(use_diff=False))
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
             (tmp / "genai_config.json").write_text(json.dumps(genai_config(config, gen, layout), indent=4) + "\n")
-    return GenerationExport(out, done, copied, layout)
+    if switch is not None:   # the files were checked in the temporary folder; they now lie in `out`
+        switch.model = out / MODEL_FILE
+        switch.adapters = {name: out / f.name for name, f in switch.adapters.items()}
+    return GenerationExport(out, done, copied, layout, switch)
 

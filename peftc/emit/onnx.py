@@ -132,14 +132,13 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
 
     `adapters_as_inputs=True` (gm compiled with `adapters_as_inputs=True`): the adapter tensors become graph inputs
     with "no adapter" defaults, and `<adapter>.onnx_adapter` files are written beside `path` (see
-    peftc.emit.onnx_adapters); returns a SwitchExport."""
+    peftc.emit.onnx_adapters), checked with no file and with each file on `check_inputs`; returns a SwitchExport."""
     if adapters_as_inputs:
-        if rename or check_inputs:
-            raise PeftcError("export_onnx: adapters_as_inputs takes neither rename nor check_inputs")
         if check:
             check_runnable_in_onnxruntime(gm)
         from peftc.emit.onnx_adapters import export_switchable
-        return export_switchable(gm, path, inputs, check=check, tol=onnx_tol(gm) if tol is None else tol)
+        return export_switchable(gm, path, inputs, check=check, tol=onnx_tol(gm) if tol is None else tol,
+                                 rename=rename, check_inputs=check_inputs)
     path = Path(path)
     inputs = inputs if inputs is not None else gm.peftc_inputs
     if check:

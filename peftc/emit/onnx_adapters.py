@@ -10,8 +10,10 @@ as peft's several active adapters do).
 
 The model records its adapter inputs in its metadata (`peftc.adapter_inputs`: name, adapter, layer, peft key,
 shape with free dims as null, dtype), the adapters and their methods (`peftc.adapters`), the graph's
-fingerprint and the MODEL reference, so that `export_adapter` can turn another PEFT checkpoint into a file
-for the same model, checking method, targets and shapes.
+fingerprint, the MODEL reference and whether it is a generation-ready decoder (`peftc.with_past`), so that
+`export_adapter` can turn another PEFT checkpoint into a file for the same model, checking method, targets and
+shapes. A generation-ready decoder (`export_generation(..., adapters_as_inputs=True)`) is written the same way,
+its inputs renamed (`past_key_values.N.key`) and checked on a first and a later decoding step.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ META_INPUTS = "peftc.adapter_inputs"
 META_ADAPTERS = "peftc.adapters"
 META_FINGERPRINT = "peftc.fingerprint"
 META_MODEL = "peftc.model"
+META_WITH_PAST = "peftc.with_past"   # "1": the decoder takes its key/value cache (`peftc export --with-past`)
 ADAPTER_VERSION = 1
 MODEL_VERSION = 1
 
@@ -68,9 +71,10 @@ def _onnx_dims(vi: Any) -> list[Any]:
             for d in vi.type.tensor_type.shape.dim]
 
 
-def _export(lifted: Lifted, gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool) -> Any:
+def _export(lifted: Lifted, gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool,
+            rename: dict[str, str]) -> Any:
     kwargs = {**inputs, **{ident(ai.name): ai.value for ai in lifted.inputs}}
-    names = [*inputs, *(ai.name for ai in lifted.inputs)]
+    names = [*(rename.get(n, n) for n in inputs), *(ai.name for ai in lifted.inputs)]
     axes = getattr(gm, "peftc_axes", None)
     for attempt in ([axes, None] if axes is not None else [None]):
         shapes = dynamic_shapes_for(inputs, attempt)
@@ -144,35 +148,38 @@ def _diff(got: list[np.ndarray], want: list[torch.Tensor], what: str) -> float:
 
 
 def _check(gm: fx.GraphModule, lifted: Lifted, model: Path, files: dict[str, Path], defaults: dict[str, np.ndarray],
-           inputs: dict[str, torch.Tensor], tol: float) -> SwitchCheck:
-    """One onnxruntime session: no adapter (vs the base model), then each file alone (vs torch with that adapter
-    on and the others at their defaults)."""
-    fresh = fresh_like(inputs)
-    feeds = {k: v.numpy() for k, v in fresh.items()}
+           checks: list[dict[str, torch.Tensor]], rename: dict[str, str], tol: float) -> SwitchCheck:
+    """One onnxruntime session, on each input of `checks`: no adapter (vs the base model), then each file alone
+    (vs torch with that adapter on and the others at their defaults). Diffs are the worst over `checks`."""
     base = getattr(gm, "peftc_base", None)
     with step("onnxruntime check: loading the ONNX model"):
         sess = adapter_session(model)
-    result = SwitchCheck(0.0, input_shapes={k: list(v.shape) for k, v in fresh.items()})
-    with torch.no_grad():
-        zero = {ai.name: torch.from_numpy(defaults[ai.name]) for ai in lifted.inputs}
-        want = flat_outputs(base(**fresh)) if base is not None else flat_outputs(lifted.module.run(fresh, zero))
+    result = SwitchCheck(0.0, input_shapes={rename.get(k, k): list(v.shape) for k, v in checks[0].items()})
+    zero = {ai.name: torch.from_numpy(defaults[ai.name]) for ai in lifted.inputs}
+    for fresh in checks:
+        feeds = {rename.get(k, k): v.numpy() for k, v in fresh.items()}
+        with torch.no_grad():
+            want = flat_outputs(base(**fresh)) if base is not None else flat_outputs(lifted.module.run(fresh, zero))
         with step("onnxruntime check: no adapter vs the base model"):
-            result.base_diff = _diff(run_with_adapters(sess, feeds, []), want, f"{model} (no adapter)")
-        if result.base_diff > tol:
+            d = _diff(run_with_adapters(sess, feeds, []), want, f"{model} (no adapter)")
+        if d > tol:
             raise PeftcError(f"{model}: with no adapter file, onnxruntime differs from the base model by "
-                             f"{result.base_diff:.3e} > {tol:.0e}: the adapters' default inputs do not switch them off")
+                             f"{d:.3e} > {tol:.0e}: the adapters' default inputs do not switch them off")
+        result.base_diff = max(result.base_diff, d)
         for name, f in files.items():
             feed = {**zero, **{ai.name: ai.value for ai in lifted.inputs if ai.adapter == name}}
-            want = flat_outputs(lifted.module.run(fresh, feed))
+            with torch.no_grad():
+                want = flat_outputs(lifted.module.run(fresh, feed))
             with step(f"onnxruntime check: adapter {name}"):
                 d = _diff(run_with_adapters(sess, feeds, [f]), want, f"{f}")
             if d > tol:
                 raise PeftcError(f"{f}: onnxruntime with this adapter differs from torch by {d:.3e} > {tol:.0e}")
-            result.adapter_diffs[name] = d
+            result.adapter_diffs[name] = max(result.adapter_diffs.get(name, 0.0), d)
         # every adapter on: the lifted graph must be the compiled graph
         if files:
-            want = flat_outputs(gm(**fresh))
-            got = flat_outputs(lifted.module.run(fresh, {ai.name: ai.value for ai in lifted.inputs}))
+            with torch.no_grad():
+                want = flat_outputs(gm(**fresh))
+                got = flat_outputs(lifted.module.run(fresh, {ai.name: ai.value for ai in lifted.inputs}))
             d = max((float((g.double() - w.double()).abs().max()) for g, w in zip(got, want) if g.numel()),
                     default=0.0)
             if d > tol:
@@ -214,12 +221,16 @@ def choose_defaults(gm: fx.GraphModule, lifted: Lifted, inputs: dict[str, torch.
 
 
 def export_switchable(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None, *,
-                      check: bool = True, tol: float = 1e-4) -> SwitchExport:
-    """Write `path` (.onnx) with the adapters' tensors as inputs, and `<adapter>.onnx_adapter` beside it for each
-    adapter of the spec; check them in one onnxruntime session. `gm`: compiled with adapters_as_inputs=True."""
+                      check: bool = True, tol: float = 1e-4, rename: dict[str, str] | None = None,
+                      check_inputs: list[dict[str, torch.Tensor]] | None = None) -> SwitchExport:
+    """Write `path` (.onnx) with the adapters' tensors as inputs, and `<adapter>.onnx_adapter` beside it (in the
+    same folder) for each adapter of the spec; check them in one onnxruntime session. `gm`: compiled with
+    adapters_as_inputs=True. `rename`: graph input name -> ONNX input name, where they differ; `check_inputs`:
+    the inputs of the check (default: a fresh input of another batch size and length)."""
     import onnx
     path = Path(path)
     inputs = inputs if inputs is not None else gm.peftc_inputs
+    rename = dict(rename or {})
     check_file_target(path)
     lifted = lift(gm)
     lifted.module.inner = fold_for_export(lifted.module.inner)
@@ -237,7 +248,7 @@ def export_switchable(gm: fx.GraphModule, path: str | Path, inputs: dict[str, to
         tmp = tmpdir / path.name
         try:
             with step("Exporting to ONNX with adapter inputs (torch.onnx, dynamo)"), quiet_libraries():
-                prog = _export(lifted, gm, inputs, external)
+                prog = _export(lifted, gm, inputs, external, rename)
                 proto = prog.model_proto
         except PeftcError:
             raise
@@ -271,6 +282,8 @@ def export_switchable(gm: fx.GraphModule, path: str | Path, inputs: dict[str, to
         ref = getattr(gm, "peftc_model_ref", None)
         if ref:
             meta[META_MODEL] = ref
+        if getattr(gm, "peftc_cache", None) is not None:   # a generation-ready decoder (peftc.emit.generation)
+            meta[META_WITH_PAST] = "1"
         for k, v in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
@@ -284,7 +297,8 @@ def export_switchable(gm: fx.GraphModule, path: str | Path, inputs: dict[str, to
                 f = tmpdir / f"{name}{ADAPTER_SUFFIX}"
                 write_adapter_file(f, {ai.name: ai.value.numpy() for ai in lifted.inputs if ai.adapter == name})
                 files[name] = f
-        result = _check(gm, lifted, tmp, files, defaults, inputs, tol) if check else None
+        checks = check_inputs or [fresh_like(inputs)]
+        result = _check(gm, lifted, tmp, files, defaults, checks, rename, tol) if check else None
         try:
             for f in tmpdir.iterdir():
                 finish_file(f, path.parent / f.name)
@@ -304,6 +318,7 @@ class ModelAdapters:
     adapters: dict[str, str]        # adapter (slot) -> method
     fingerprints: dict[str, str]    # adapter -> what another file for it must share with it
     model: str | None
+    with_past: bool = False         # a generation-ready decoder (inputs: input_ids, ..., past_key_values.N.key)
 
 
 def read_model_adapters(path: str | Path) -> ModelAdapters:
@@ -321,7 +336,8 @@ def read_model_adapters(path: str | Path) -> ModelAdapters:
                          "`peftc export SPEC MODEL --adapters-as-inputs`)")
     try:
         return ModelAdapters(path, json.loads(meta[META_INPUTS]), json.loads(meta[META_ADAPTERS]),
-                             json.loads(meta.get(META_FINGERPRINT, "{}")), meta.get(META_MODEL))
+                             json.loads(meta.get(META_FINGERPRINT, "{}")), meta.get(META_MODEL),
+                             meta.get(META_WITH_PAST) == "1")
     except (json.JSONDecodeError, KeyError) as e:
         raise PeftcError(f"--like {path}: its peftc metadata is damaged ({e})") from None
 
@@ -360,9 +376,13 @@ def export_adapter(adapter_dir: str | Path, like: str | Path, output: str | Path
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise PeftcError(f"{adapter_dir}: not a PEFT checkpoint directory (no adapter_config.json)")
+    if info.with_past and example_inputs:
+        raise PeftcError(f"--example-input does not apply: {info.path} is a generation-ready decoder (its inputs are "
+                         "input_ids, attention_mask, position_ids and the key/value cache)")
     spec = f'adapter {adapter}: import "{adapter_dir.resolve().as_posix()}"\n'
     try:
-        compiled = compile_model(spec, model, adapters_as_inputs=True, example_inputs=example_inputs)
+        compiled = compile_model(spec, model, adapters_as_inputs=True, example_inputs=example_inputs,
+                                 with_past=info.with_past)
     except PeftcError as e:   # the spec is ours, not the user's: no `<spec>:1:19:` in front of the message
         raise PeftcError(re.sub(r"^<spec>:\d+:\d+: ", "", str(e).split("\n")[0])) from None
     method = compiled.plan.adapters[adapter].method.name
@@ -397,7 +417,7 @@ def export_adapter(adapter_dir: str | Path, like: str | Path, output: str | Path
     tmp = output.parent / f".{output.name}.tmp"
     try:
         write_adapter_file(tmp, {ai.name: ai.value.numpy() for ai in lifted.inputs})
-        diff = _check_adapter(compiled.gm, info.path, tmp, compiled.gm.peftc_inputs, tol) if check else None
+        diff = _check_adapter(compiled.gm, info.path, tmp, *_check_feeds(compiled), tol) if check else None
         finish_file(tmp, output)
     except OSError as e:
         raise PeftcError(f"cannot write {output}: {e.strerror}") from None
@@ -406,16 +426,30 @@ def export_adapter(adapter_dir: str | Path, like: str | Path, output: str | Path
     return {"inputs": len(lifted.inputs), "missing": missing, "diff": diff}
 
 
-def _check_adapter(gm: fx.GraphModule, model: Path, file: Path, inputs: dict[str, torch.Tensor], tol: float) -> float:
-    """The model with the new file active vs the checkpoint compiled in torch."""
-    fresh = fresh_like(inputs)
+def _check_feeds(compiled: Any) -> tuple[list[dict[str, torch.Tensor]], dict[str, str]]:
+    """The check's inputs and the graph -> ONNX input names: a fresh input, or for a generation-ready decoder a
+    first and a later decoding step (peftc.generation.check_inputs)."""
+    gm = compiled.gm
+    layout = getattr(gm, "peftc_cache", None)
+    if layout is None:
+        return [fresh_like(gm.peftc_inputs)], {}
+    from peftc.generation import check_inputs, onnx_renames
+    vocab = int(getattr(compiled.model.config, "vocab_size", 0) or 0)
+    return check_inputs(layout, vocab), onnx_renames(gm.peftc_inputs)
+
+
+def _check_adapter(gm: fx.GraphModule, model: Path, file: Path, checks: list[dict[str, torch.Tensor]],
+                   rename: dict[str, str], tol: float) -> float:
+    """The model with the new file active vs the checkpoint compiled in torch (the worst diff over `checks`)."""
     with step("onnxruntime check: the model with the new adapter file"):
         sess = adapter_session(model)
-        got = run_with_adapters(sess, {k: v.numpy() for k, v in fresh.items()}, [file])
     gm.eval()
-    with torch.no_grad():
-        want = flat_outputs(gm(**fresh))
-    d = _diff(got, want, str(file))
+    d = 0.0
+    for fresh in checks:
+        got = run_with_adapters(sess, {rename.get(k, k): v.numpy() for k, v in fresh.items()}, [file])
+        with torch.no_grad():
+            want = flat_outputs(gm(**fresh))
+        d = max(d, _diff(got, want, str(file)))
     if d > tol:
         raise PeftcError(f"{file}: onnxruntime with this adapter differs from torch by {d:.3e} > {tol:.0e}")
     return d
