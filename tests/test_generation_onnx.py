@@ -104,9 +104,9 @@ def ort_greedy(out_dir: Path, ids: torch.Tensor, n: int = NEW, keep_past: bool =
 
 
 def genai_greedy(out_dir: Path, ids: torch.Tensor, n: int = NEW, adapters: dict[str, Path] | None = None,
-                 active: str | None = None) -> list[int]:
+                 active: str | list[str] | None = None) -> list[int]:
     """onnxruntime-genai on OUT_DIR as written (greedy; it stops at the end token). `adapters`: name -> file, loaded
-    with og.Adapters; `active`: the one set active on the generator (None: no adapter)."""
+    with og.Adapters; `active`: the one (or ones) set active on the generator (None: no adapter)."""
     og = pytest.importorskip("onnxruntime_genai")
     model = og.Model(str(out_dir))
     params = og.GeneratorParams(model)
@@ -116,8 +116,8 @@ def genai_greedy(out_dir: Path, ids: torch.Tensor, n: int = NEW, adapters: dict[
         loaded = og.Adapters(model)
         for name, f in adapters.items():
             loaded.load(str(f), name)
-        if active is not None:
-            gen.set_active_adapter(loaded, active)
+        for name in [active] if isinstance(active, str) else active or []:
+            gen.set_active_adapter(loaded, name)
     gen.append_tokens(ids.numpy().astype(np.int32))
     while not gen.is_done():
         gen.generate_next_token()
@@ -302,6 +302,7 @@ SWITCH_NEW = 12
 @dataclass
 class Switchable:
     out_dir: Path
+    root: Path                        # the PEFT checkpoints, root / <adapter>
     files: dict[str, Path]            # adapter -> its .onnx_adapter file in out_dir
     merged: dict[str | None, nn.Module]   # adapter -> peft's merge_and_unload() of it; None -> the base model
 
@@ -322,7 +323,7 @@ def switch_llama(tmp_path_factory):
                  "-o", str(out)]) == 0
     assert main(["-q", "export-adapter", str(root / "chat2"), "--like", str(out / "model.onnx"), "--adapter", "chat",
                  "-o", str(out / "chat2.onnx_adapter")]) == 0
-    return Switchable(out, {name: out / f"{name}.onnx_adapter" for name in SWITCH}, merged)
+    return Switchable(out, root, {name: out / f"{name}.onnx_adapter" for name in SWITCH}, merged)
 
 
 def test_switchable_folder_files_and_inputs(switch_llama):
@@ -362,3 +363,16 @@ def test_onnxruntime_loop_with_run_options_like_peft(switch_llama, active):
     want = hf_greedy(switch_llama.merged[active], prompt(), SWITCH_NEW)
     adapter = switch_llama.files[active] if active else None
     assert ort_greedy(switch_llama.out_dir, prompt(), SWITCH_NEW, adapter=adapter) == want
+
+
+def test_genai_two_active_adapters_add_up_like_peft(switch_llama):
+    """Both spec adapters active on one generator: peft's unmerged model with both active (their deltas add up)."""
+    from peft import PeftModel
+    pm = PeftModel.from_pretrained(copy.deepcopy(switch_llama.merged[None]), str(switch_llama.root / "chat"),
+                                   adapter_name="chat")
+    pm.load_adapter(str(switch_llama.root / "code"), adapter_name="code")
+    pm.base_model.set_adapter(["chat", "code"])
+    want = hf_greedy(pm.eval(), prompt(), SWITCH_NEW)
+    assert want not in [hf_greedy(switch_llama.merged[a], prompt(), SWITCH_NEW) for a in ("chat", "code")]
+    got = genai_greedy(switch_llama.out_dir, prompt(), SWITCH_NEW, adapters=switch_llama.files, active=["chat", "code"])
+    assert got == until_eos(want)

@@ -35,6 +35,7 @@ from peftc.atomic import check_file_target, finish_file
 from peftc.emit.fold_for_export import fold_for_export
 from peftc.emit.onnx import TWO_GB, flat_outputs, output_names
 from peftc.errors import PeftcError
+from peftc.low_precision import onnx_tol
 from peftc.models import fresh_like
 from peftc.progress import step
 from peftc.quiet import quiet_libraries
@@ -221,14 +222,16 @@ def choose_defaults(gm: fx.GraphModule, lifted: Lifted, inputs: dict[str, torch.
 
 
 def export_switchable(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None, *,
-                      check: bool = True, tol: float = 1e-4, rename: dict[str, str] | None = None,
+                      check: bool = True, tol: float | None = None, rename: dict[str, str] | None = None,
                       check_inputs: list[dict[str, torch.Tensor]] | None = None) -> SwitchExport:
     """Write `path` (.onnx) with the adapters' tensors as inputs, and `<adapter>.onnx_adapter` beside it (in the
     same folder) for each adapter of the spec; check them in one onnxruntime session. `gm`: compiled with
     adapters_as_inputs=True. `rename`: graph input name -> ONNX input name, where they differ; `check_inputs`:
-    the inputs of the check (default: a fresh input of another batch size and length)."""
+    the inputs of the check (default: a fresh input of another batch size and length); `tol`: its max abs diff
+    (default by the graph's dtype, as export_onnx's)."""
     import onnx
     path = Path(path)
+    tol = onnx_tol(gm) if tol is None else tol
     inputs = inputs if inputs is not None else gm.peftc_inputs
     rename = dict(rename or {})
     check_file_target(path)
@@ -347,7 +350,7 @@ def _fmt_shape(shape: list[Any]) -> str:
 
 
 def export_adapter(adapter_dir: str | Path, like: str | Path, output: str | Path, *, model: Any = None,
-                   adapter: str | None = None, check: bool = True, tol: float = 1e-4,
+                   adapter: str | None = None, check: bool = True, tol: float | None = None,
                    example_inputs: Any = None) -> dict[str, Any]:
     """Turn a PEFT checkpoint directory into an `.onnx_adapter` file for the switchable model `like`.
 
@@ -417,6 +420,7 @@ def export_adapter(adapter_dir: str | Path, like: str | Path, output: str | Path
     tmp = output.parent / f".{output.name}.tmp"
     try:
         write_adapter_file(tmp, {ai.name: ai.value.numpy() for ai in lifted.inputs})
+        tol = onnx_tol(compiled.gm) if tol is None else tol
         diff = _check_adapter(compiled.gm, info.path, tmp, *_check_feeds(compiled), tol) if check else None
         finish_file(tmp, output)
     except OSError as e:
