@@ -4,7 +4,8 @@
 
 Python API: `compile(spec, model) -> torch.fx.GraphModule`, `save_adapter(gm, dir)`, `export_onnx`,
 `export_adapter` (an `.onnx_adapter` file for a switchable ONNX model), `export_generation` (a decoder
-compiled `with_past=True` -> an onnxruntime-genai folder), `save_pt2`, `parse_spec` / `read_spec`,
+compiled `with_past=True` -> an onnxruntime-genai folder; `adapters_as_inputs=True`: with switchable adapter
+files), `save_pt2`, `parse_spec` / `read_spec`,
 `merge_model(spec, model_dir, out_dir)` (peftc merge), `lower_to_lora(spec, model, rank=..., max_error=...,
 output=...)` (peftc lower).
 

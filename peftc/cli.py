@@ -212,7 +212,8 @@ def _parser() -> argparse.ArgumentParser:
                        description=desc)
     p.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="PEFT checkpoint directory")
     p.add_argument("--like", required=True, metavar="MODEL.onnx",
-                   help="the ONNX model written by `peftc export ... --adapters-as-inputs`")
+                   help="the ONNX model written by `peftc export ... --adapters-as-inputs` (with --with-past: "
+                        "OUT_DIR/model.onnx; the file is then checked on a first and a later decoding step)")
     p.add_argument("-o", "--output", required=True, help="output .onnx_adapter path")
     p.add_argument("--adapter", metavar="NAME", help="which of the model's adapters this file fills (needed when "
                                                     "its spec declared several)")

@@ -331,7 +331,10 @@ def test_switchable_folder_files_and_inputs(switch_llama):
     out = switch_llama.out_dir
     assert {"model.onnx", "config.json", "generation_config.json", "genai_config.json", "chat.onnx_adapter",
             "code.onnx_adapter"} <= {p.name for p in out.iterdir()}
-    graph = onnx.load(str(out / "model.onnx")).graph
+    model = onnx.load(str(out / "model.onnx"))
+    graph = model.graph
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["peftc.with_past"] == "1" and json.loads(meta["peftc.adapters"]) == {"chat": "lora", "code": "lora"}
     names = [i.name for i in graph.input]
     past = [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
     assert names[:7] == ["input_ids", "attention_mask", "position_ids", *past]
@@ -376,3 +379,13 @@ def test_genai_two_active_adapters_add_up_like_peft(switch_llama):
     assert want not in [hf_greedy(switch_llama.merged[a], prompt(), SWITCH_NEW) for a in ("chat", "code")]
     got = genai_greedy(switch_llama.out_dir, prompt(), SWITCH_NEW, adapters=switch_llama.files, active=["chat", "code"])
     assert got == until_eos(want)
+
+
+def test_export_adapter_for_a_decoder_refuses_example_input(switch_llama, tmp_path, capsys):
+    out = tmp_path / "x.onnx_adapter"
+    assert main(["-q", "export-adapter", str(switch_llama.root / "chat2"), "--like",
+                 str(switch_llama.out_dir / "model.onnx"), "--adapter", "chat",
+                 "--example-input", "input_ids=2x5:int64", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--example-input does not apply" in err and "generation-ready decoder" in err and "Traceback" not in err
+    assert not out.exists()
