@@ -1,6 +1,6 @@
 """The compile pipeline: spec + model -> plan -> traced graph -> passes -> adapted GraphModule.
 
-    strip -> insert -> fold -> factor -> stack -> rejoin -> cse -> fuse -> dce
+    strip -> insert -> fold -> factor -> stack -> rejoin -> cse -> choose -> fuse -> cache -> dce
 
 `strip` first removes torch.export's bookkeeping (metadata asserts, identity casts) and makes the graph follow
 its parameters' dtype, so every later pass (and `--dump-after`) sees the model's own computation.
@@ -29,6 +29,8 @@ from peftc.optional_inputs import add_optional_inputs
 from peftc.plan import Plan, build_plan, resolve_adapter
 from peftc.progress import step
 from peftc.replicate import with_replication
+from peftc.rewrite.cache_weights import cache_weights
+from peftc.rewrite.choose_form import choose_form
 from peftc.rewrite.eliminate_common_subexpressions import eliminate_common_subexpressions
 from peftc.rewrite.eliminate_dead_code import eliminate_dead_code
 from peftc.rewrite.explain import dense_layers, describe
@@ -45,7 +47,7 @@ from peftc.spec.parse import parse_spec, read_spec
 from peftc.trace import trace
 
 _PRESERVED = "_user_preserved_attributes"   # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
-PASSES = ("strip", "insert", "fold", "factor", "stack", "rejoin", "cse", "fuse", "dce")
+PASSES = ("strip", "insert", "fold", "factor", "stack", "rejoin", "cse", "choose", "fuse", "cache", "dce")
 
 
 @dataclass
@@ -154,7 +156,9 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         "stack": stack_adapters(selectable, live, rule_log, rule_hits),
         "rejoin": rejoin_dense(),
         "cse": eliminate_common_subexpressions(),
+        "choose": choose_form(rule_log, rule_hits),
         "fuse": fuse_shared_input(manifest),
+        "cache": cache_weights(manifest),
         "dce": eliminate_dead_code(manifest),
     }
     for name in PASSES:
