@@ -121,18 +121,18 @@ def choose_form(rule_log: list[str] | None = None, rule_hits: Counter | None = N
                     if t is not None:
                         _hoist(t, anchor, order)
             layer = members[0].add.meta[TAG]
+            adapters = tuple(dict.fromkeys(a for m in members for a in m.add.meta.get(ADAPTER) or ()))
             with g.inserting_before(anchor):
                 down_all = None
                 if len(members) > 1:   # the factored form's one x @ cat(A)ᵀ: weight-side, so `cache` can keep it
                     down_all = g.call_function(aten.cat.default, ([m.a for m in members], 0))
-                    down_all.meta.update({TAG: layer, RULE: "choose", "peftc_val": torch.empty(
+                    down_all.meta.update({TAG: layer, ADAPTER: adapters, RULE: "choose", "peftc_val": torch.empty(
                         (sum(m.r for m in members), members[0].inp), dtype=static_val(gm, members[0].a).dtype,
                         device="meta")})
                 call = g.call_function(lowrank_linears, (
                     members[0].x, [m.w for m in members], [m.b for m in members], [m.a for m in members],
                     [m.up for m in members], threshold(members), down_all))
                 parts = [g.call_function(operator.getitem, (call, i)) for i in range(len(members))]
-            adapters = tuple(dict.fromkeys(a for m in members for a in m.add.meta.get(ADAPTER) or ()))
             call.meta.update({TAG: layer, ADAPTER: adapters, RULE: "choose"})
             for m, part in zip(members, parts):
                 part.meta.update({k: v for k, v in m.add.meta.items() if k in (TAG, ADAPTER, "val", "tensor_meta",
