@@ -1,6 +1,6 @@
 """The compile pipeline: spec + model -> plan -> traced graph -> passes -> adapted GraphModule.
 
-    strip -> insert -> fold -> factor -> stack -> rejoin -> cse -> choose -> fuse -> cache -> dce
+    strip -> insert -> fold -> factor -> stack -> rejoin -> cse -> choose -> addbmm -> fuse -> cache -> dce
 
 `strip` first removes torch.export's bookkeeping (metadata asserts, identity casts) and makes the graph follow
 its parameters' dtype, so every later pass (and `--dump-after`) sees the model's own computation.
@@ -35,6 +35,7 @@ from peftc.rewrite.eliminate_common_subexpressions import eliminate_common_subex
 from peftc.rewrite.eliminate_dead_code import eliminate_dead_code
 from peftc.rewrite.explain import dense_layers, describe
 from peftc.rewrite.factor import factor
+from peftc.rewrite.fold_branch_add import fold_branch_add
 from peftc.rewrite.fold_frozen import fold_frozen
 from peftc.rewrite.fuse_shared_input import fuse_shared_input
 from peftc.rewrite.insert_adapters import insert_adapters
@@ -47,7 +48,7 @@ from peftc.spec.parse import parse_spec, read_spec
 from peftc.trace import trace
 
 _PRESERVED = "_user_preserved_attributes"   # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
-PASSES = ("strip", "insert", "fold", "factor", "stack", "rejoin", "cse", "choose", "fuse", "cache", "dce")
+PASSES = ("strip", "insert", "fold", "factor", "stack", "rejoin", "cse", "choose", "addbmm", "fuse", "cache", "dce")
 
 
 @dataclass
@@ -157,6 +158,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         "rejoin": rejoin_dense(),
         "cse": eliminate_common_subexpressions(),
         "choose": choose_form(rule_log, rule_hits),
+        "addbmm": fold_branch_add(rule_log, rule_hits),
         "fuse": fuse_shared_input(manifest),
         "cache": cache_weights(manifest),
         "dce": eliminate_dead_code(manifest),
