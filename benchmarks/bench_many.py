@@ -8,13 +8,17 @@ random order, ratio = median over rounds of (time / the eager base's time in tha
   with the same N active (one stacked low-rank product per layer);
 - a mixed batch (row b takes adapter b % 8): peft's `adapter_names=[...]` and peftc's graph compiled with
   `adapter_ids=True`;
-- onnxruntime: peftc's export with `adapter_ids` (the mixed batch) vs peftc's merged export of one adapter.
+- onnxruntime: peftc's export with `adapter_ids` (the mixed batch) vs peftc's merged export of one adapter;
+- decode-shaped rows (batch x 1 token, `--decode-seq`; each timed call runs `--decode-reps` forwards): 1 adapter,
+  8 active and the mixed batch, against the eager base at that shape (not a target: a check that the dense
+  form peftc picks for long inputs does not slow short ones down).
 
 Target: peftc's overhead over the base (ratio - 1) at most half of peft's, for N = 1, 4, 8 and the mixed batch.
 Outputs are checked against peft before timing.
 
     python benchmarks/bench_many.py                    # 8x128 tokens, 15 rounds, 2 threads
     python benchmarks/bench_many.py --batch 4 --rounds 20
+    python benchmarks/bench_many.py --quick            # 3 rounds, no onnxruntime: a minute or two
 
 Writes benchmarks/results/many.md and many.json.
 """
@@ -68,7 +72,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--decode-seq", type=int, default=1, help="tokens per row of the decode-shaped rows (0: none)")
+    ap.add_argument("--decode-reps", type=int, default=10, help="forwards per timed call at the decode shape")
+    ap.add_argument("--quick", action="store_true", help="3 rounds and no onnxruntime (a short check)")
     args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.no_onnx = 3, True
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     base = BUILTINS["small-llama"][0]().eval()
@@ -77,6 +86,12 @@ def main() -> None:
     rows = torch.arange(args.batch) % N_ADAPTERS
     names = [f"a{i}" for i in range(N_ADAPTERS)]
     x_ids = {**x, "adapter_ids": rows}
+    dec = {k: v[:, :args.decode_seq] for k, v in x.items()}
+    dec_ids = {**dec, "adapter_ids": rows}
+    reps = args.decode_reps
+
+    def repeat(fn, *a, **kw):
+        return lambda: [fn(*a, **kw) for _ in range(reps)]
     runs: dict[str, object] = {}
     diffs: dict[str, float] = {}
     compile_s: dict[str, float] = {}
@@ -90,6 +105,8 @@ def main() -> None:
             pm.save_pretrained(str(tmp / n))
             dirs.append(tmp / n)
         runs["base eager"] = lambda: base(**x)
+        if args.decode_seq:
+            runs["base eager decode"] = repeat(base, **dec)
         for k in (1, 4, 8):
             pm = _peft_with(base, dirs[:k], names[:k])
             t0 = time.perf_counter()
@@ -98,6 +115,10 @@ def main() -> None:
             diffs[f"{k} active"] = (logits_of(gm(**x)) - logits_of(pm(**x))).abs().max().item()
             runs[f"peft {k} active"] = (lambda pm=pm: pm(**x))
             runs[f"peftc {k} active"] = (lambda gm=gm: gm(**x))
+            if args.decode_seq and k in (1, 8):
+                diffs[f"{k} active decode"] = (logits_of(gm(**dec)) - logits_of(pm(**dec))).abs().max().item()
+                runs[f"peft {k} active decode"] = repeat(pm, **dec)
+                runs[f"peftc {k} active decode"] = repeat(gm, **dec)
             print(f"{k} active: compiled in {compile_s[f'{k} active']:.1f}s, diff {diffs[f'{k} active']:.1e}",
                   file=sys.stderr)
         adapter_names = [names[i] for i in rows.tolist()]
@@ -108,6 +129,9 @@ def main() -> None:
         diffs["mixed batch"] = (logits_of(gm_ids(**x_ids)) - logits_of(pm(**x, adapter_names=adapter_names))
                                 ).abs().max().item()
         runs["peftc mixed batch (adapter_ids)"] = lambda: gm_ids(**x_ids)
+        if args.decode_seq:
+            runs["peft mixed batch decode"] = repeat(pm, **dec, adapter_names=adapter_names)
+            runs["peftc mixed batch decode"] = repeat(gm_ids, **dec_ids)
         print(f"adapter_ids: compiled in {compile_s['adapter_ids']:.1f}s, diff {diffs['mixed batch']:.1e}",
               file=sys.stderr)
         if not args.no_onnx:
@@ -147,12 +171,21 @@ def main() -> None:
         p, c = ratio(pk), ratio(ck)
         share = (c - 1) / (p - 1) if p > 1 else float("nan")
         table.append({"case": label, "peft": p, "peftc": c, "overhead_share": share, "met": share <= 0.5})
+    if args.decode_seq:
+        shape = f"decode {args.batch}x{args.decode_seq}"
+        for label, pk, ck in [(f"1 adapter, {shape}", "peft 1 active decode", "peftc 1 active decode"),
+                              (f"8 active, {shape}", "peft 8 active decode", "peftc 8 active decode"),
+                              (f"mixed batch, {shape}", "peft mixed batch decode", "peftc mixed batch decode")]:
+            p, c = ratio(pk, "base eager decode"), ratio(ck, "base eager decode")
+            share = (c - 1) / (p - 1) if p > 1 else float("nan")
+            table.append({"case": label, "peft": p, "peftc": c, "overhead_share": share, "met": None})
     ort = None
     if not args.no_onnx:
         ort = ratio("onnxruntime adapter_ids (mixed batch)", "onnxruntime merged (1 adapter)")
     env = versions()
     cmd = "python benchmarks/bench_many.py " + " ".join(sys.argv[1:])
-    lines = [f"`{cmd.strip()}` — small-llama, {args.batch}x{args.seq} tokens, LoRA r=16 on all linear layers, "
+    lines = [f"`{cmd.strip()}` — small-llama, {args.batch}x{args.seq} tokens (decode rows: {args.batch}x"
+             f"{args.decode_seq}), LoRA r=16 on all linear layers, "
              f"{args.rounds} interleaved rounds, {args.threads} threads; ratio = median of per-round ratios to the "
              "eager base.  ",
              f"{', '.join(f'{k} {v}' for k, v in env.items())}; load average (1 min) before/after timing: "
@@ -161,7 +194,7 @@ def main() -> None:
              "|---|---:|---:|---:|:---:|"]
     for row in table:
         lines.append(f"| {row['case']} | {row['peft']:.3f} | {row['peftc']:.3f} | {row['overhead_share']:.2f} | "
-                     f"{'yes' if row['met'] else 'no'} |")
+                     f"{'-' if row['met'] is None else 'yes' if row['met'] else 'no'} |")
     lines.append("")
     if ort is not None:
         lines.append(f"onnxruntime, mixed batch with `adapter_ids` / onnxruntime merged (one adapter): {ort:.3f}.  ")

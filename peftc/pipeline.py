@@ -1,6 +1,6 @@
 """The compile pipeline: spec + model -> plan -> traced graph -> passes -> adapted GraphModule.
 
-    strip -> insert -> fold -> factor -> gate -> stack -> rejoin -> cse -> fuse -> dce
+    strip -> insert -> fold -> factor -> gate -> stack -> rejoin -> cse -> choose -> addbmm -> fuse -> cache -> dce
 
 `gate` (run-time adapter control, `switchable=True`) multiplies each switchable adapter's branches by a gate
 buffer; without `switchable` it changes nothing.
@@ -34,10 +34,13 @@ from peftc.optional_inputs import add_optional_inputs
 from peftc.plan import Plan, build_plan, resolve_adapter
 from peftc.progress import step
 from peftc.replicate import with_replication
+from peftc.rewrite.cache_weights import cache_weights
+from peftc.rewrite.choose_form import choose_form
 from peftc.rewrite.eliminate_common_subexpressions import eliminate_common_subexpressions
 from peftc.rewrite.eliminate_dead_code import eliminate_dead_code
 from peftc.rewrite.explain import dense_layers, describe
 from peftc.rewrite.factor import factor
+from peftc.rewrite.fold_branch_add import fold_branch_add
 from peftc.rewrite.fold_frozen import fold_frozen
 from peftc.rewrite.freeze_detached import freeze_detached
 from peftc.rewrite.fuse_shared_input import fuse_shared_input
@@ -53,7 +56,8 @@ from peftc.switchable import check_switchable, free_dims, switchable_spec
 from peftc.trace import base_forward, trace
 
 _PRESERVED = "_user_preserved_attributes"   # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
-PASSES = ("strip", "insert", "fold", "factor", "gate", "stack", "rejoin", "cse", "fuse", "dce")
+PASSES = ("strip", "insert", "fold", "factor", "gate", "stack", "rejoin", "cse", "choose", "addbmm", "fuse",
+          "cache", "dce")
 
 
 @dataclass
@@ -213,11 +217,17 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         "stack": stack_adapters(selectable, live, rule_log, rule_hits),
         "rejoin": rejoin_dense(),
         "cse": eliminate_common_subexpressions(),
+        "choose": choose_form(rule_log, rule_hits),
+        "addbmm": fold_branch_add(rule_log, rule_hits),
         "fuse": fuse_shared_input(manifest),
+        "cache": cache_weights(manifest),
         "dce": eliminate_dead_code(manifest),
     }
-    if adapters_as_inputs:   # `fuse` concatenates A's and splits at fixed ranks: the ranks must stay free
-        passes["fuse"] = lambda g: PassResult(g, False)
+    if adapters_as_inputs:
+        # the adapter tensors become ONNX inputs of free rank: `fuse` and `choose` concatenate A's and split at fixed
+        # ranks, and `cache` would hold values computed from them
+        for skipped in ("choose", "fuse", "cache"):
+            passes[skipped] = lambda g: PassResult(g, False)
     for name in PASSES:
         with step(f"Pass {name}"):
             gm = passes[name](gm).graph_module

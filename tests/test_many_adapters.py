@@ -14,6 +14,7 @@ from conftest import CHANGED, MODELS, TOL, inputs_for, max_diff, randomize_, run
 import peftc
 from peftc.emit.onnx import run_onnx
 from peftc.errors import PeftcError
+from peftc.lowrank_form import lowrank_linears
 from peftc.trace import trace
 
 peft = pytest.importorskip("peft")
@@ -204,17 +205,26 @@ def _linears(gm) -> int:
 
 
 def test_stacked_form(setups):
-    """Two LoRAs on one layer are one product (two matmuls, not four), and q/k/v share one x @ A."""
+    """Two LoRAs on one layer are one product (two matmuls, not four); then (pass `choose`) q/k/v and
+    each other adapted layer run as one group call that shares x @ cat(A) in its factored form."""
     s = setups["llama"]
-    c = peftc.compile_model(s.spec(), MODELS[s.model]())
-    q = [n for n in c.gm.graph.nodes if n.meta.get("peftc") == "model.layers.0.self_attn.q_proj"
-         and n.op == "call_function" and n.target is torch.ops.aten.linear.default]
-    assert len(q) == 3          # the base matmul, x @ cat(A_a, A_b) (shared with k, v), h @ cat(s_a B_a, s_b B_b)
+    after_stack: dict[str, int] = {}
+
+    def observe(name: str, gm: torch.fx.GraphModule) -> None:
+        if name == "stack":
+            after_stack["q"] = sum(n.meta.get("peftc") == "model.layers.0.self_attn.q_proj" and n.op == "call_function"
+                                   and n.target is torch.ops.aten.linear.default for n in gm.graph.nodes)
+            after_stack["all"] = _linears(gm)
+
+    c = peftc.compile_model(s.spec(), MODELS[s.model](), observe=observe)
+    assert after_stack["q"] == 3   # the base matmul, x @ cat(A_a, A_b), h @ cat(s_a B_a, s_b B_b)
     assert c.rule_hits["low_rank"] > 0
     base = trace(MODELS[s.model](), inputs_for(s.model))
-    # per block: one x @ A shared by q/k/v, a B for each; o, gate, down an A and a B each
-    n_lora = _linears(c.gm) - _linears(base)
-    assert n_lora == 2 * (1 + 3 + 6)
+    assert after_stack["all"] - _linears(base) == 2 * 6 * 2   # 2 blocks, 6 adapted layers, an A and a B each
+    groups = [n for n in c.gm.graph.nodes if n.op == "call_function" and n.target is lowrank_linears]
+    # per block: q/k/v, o, gate, down; every adapted layer's matmuls are inside a group call
+    assert sorted(len(n.args[1]) for n in groups) == sorted([3, 1, 1, 1] * 2)
+    assert _linears(c.gm) == _linears(base) - 2 * 6
 
 
 def test_dump_after_stack_shows_the_fused_graph(setups):
