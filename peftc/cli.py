@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 
 T0 = time.perf_counter()  # as early as peftc can know: the total printed is the wall time the user waited
 # pipeline.PASSES, without importing torch
-PASS_NAMES = ("strip", "insert", "fold", "factor", "gate", "stack", "rejoin", "cse", "choose", "addbmm", "fuse",
-              "cache", "dce")
+PASS_NAMES = ("strip", "insert", "fold", "factor", "gate", "stack", "rejoin", "cse", "freeze", "choose", "addbmm",
+              "fuse", "cache", "dce")
 OUTPUT_SUFFIX = {"compile": ".pt2", "export": ".onnx", "import": ".peft", "export-adapter": ".onnx_adapter"}
 GRAPH_SUFFIXES = (".svg", ".dot")
 FILE_SUFFIXES = {".pt2", ".onnx", ".peft", ".safetensors", ".json", ".bin", ".pt", ".pth"}

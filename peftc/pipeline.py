@@ -1,9 +1,12 @@
 """The compile pipeline: spec + model -> plan -> traced graph -> passes -> adapted GraphModule.
 
-    strip -> insert -> fold -> factor -> gate -> stack -> rejoin -> cse -> choose -> addbmm -> fuse -> cache -> dce
+    strip -> insert -> fold -> factor -> gate -> stack -> rejoin -> cse -> freeze -> choose -> addbmm -> fuse
+    -> cache -> dce
 
 `gate` (run-time adapter control, `switchable=True`) multiplies each switchable adapter's branches by a gate
-buffer; without `switchable` it changes nothing.
+buffer; without `switchable` it changes nothing. `freeze` (inference compiles) stores the gradient-free values
+computed from adapter tensors (DoRA's norm) as constants; it runs before `choose` and `cache` regroup the
+weight-side computations it looks for.
 
 `strip` first removes torch.export's bookkeeping (metadata asserts, identity casts) and makes the graph follow
 its parameters' dtype, so every later pass (and `--dump-after`) sees the model's own computation.
@@ -56,8 +59,8 @@ from peftc.switchable import check_switchable, free_dims, switchable_spec
 from peftc.trace import base_forward, trace
 
 _PRESERVED = "_user_preserved_attributes"   # torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
-PASSES = ("strip", "insert", "fold", "factor", "gate", "stack", "rejoin", "cse", "choose", "addbmm", "fuse",
-          "cache", "dce")
+PASSES = ("strip", "insert", "fold", "factor", "gate", "stack", "rejoin", "cse", "freeze", "choose", "addbmm",
+          "fuse", "cache", "dce")
 
 
 @dataclass
@@ -217,6 +220,8 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         "stack": stack_adapters(selectable, live, rule_log, rule_hits),
         "rejoin": rejoin_dense(),
         "cse": eliminate_common_subexpressions(),
+        "freeze": (freeze_detached(manifest) if ((not train and not adapters_as_inputs) if freeze is None else freeze)
+                   else (lambda g: PassResult(g, False))),
         "choose": choose_form(rule_log, rule_hits),
         "addbmm": fold_branch_add(rule_log, rule_hits),
         "fuse": fuse_shared_input(manifest),
@@ -235,9 +240,6 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
             dump(f"# graph after pass '{name}'\n{describe(gm)}")
         if observe is not None:   # `peftc graph`: the graph after each pass
             observe(name, gm)
-    if (not train and not adapters_as_inputs) if freeze is None else freeze:
-        with step("Freezing constants"):
-            gm = freeze_detached(manifest)(gm).graph_module
     dense = dense_layers(gm, {n: layer.shape for n, layer in plan.layers.items()}, manifest.live)
     gm.peftc = manifest
     gm.peftc_inputs = dict(loaded.inputs)

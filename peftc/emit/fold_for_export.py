@@ -20,7 +20,10 @@ FOLD_BEFORE_EXPORT: frozenset[Any] = frozenset({real_ifft2, *NOT_EXPORTABLE})
 
 def fold_for_export(gm: fx.GraphModule, targets: frozenset[Any] = FOLD_BEFORE_EXPORT) -> fx.GraphModule:
     """`gm` itself if nothing folds, else a copy (sharing gm's tensors) where each input-independent node with a
-    target in `targets` is a stored tensor (`peftc_export_const_N`)."""
+    target in `targets` is a stored tensor (`peftc_export_const_N`). The weight cache (pass `cache`) is inlined
+    first: its computation is what the exporter sees."""
+    from peftc.rewrite.cache_weights import inline_cache
+    gm = inline_cache(gm)
     const: set[fx.Node] = set()
     for n in gm.graph.nodes:
         if n.op == "get_attr" or (n.op == "call_function" and all(a in const for a in n.all_input_nodes)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from typing import Any
 
 import torch
@@ -86,7 +87,7 @@ def cache_weights(manifest: Manifest) -> Any:
         sub = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         for n in inputs:
-            env[n] = sub.placeholder(n.target.replace(".", "_"))
+            env[n] = sub.placeholder(re.sub(r"\W", "_", n.target))   # `mix[a]`: a term of a combination
         for n in nodes:
             if n not in env:
                 env[n] = sub.node_copy(n, lambda a: env[a])
@@ -110,3 +111,36 @@ def cache_weights(manifest: Manifest) -> Any:
 
     return run
 
+
+
+def inline_cache(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` itself when it calls no WeightCache, else a copy (sharing gm's tensors) with each cache call replaced by
+    the computation it caches: what an exporter should see, and fold_for_export can then fold what the ONNX
+    converter cannot express (a linear solve) out of it."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), WeightCache)]
+    if not calls:
+        return gm
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    for n in gm.graph.nodes:
+        if n in calls:
+            fn: fx.GraphModule = gm.get_submodule(n.target).fn
+            sub_env: dict[fx.Node, Any] = {}
+            args = iter(n.args)
+            for s in fn.graph.nodes:
+                if s.op == "placeholder":
+                    sub_env[s] = env[next(args)]
+                elif s.op == "output":
+                    env[n] = tuple(sub_env[o] for o in s.args[0])
+                else:
+                    sub_env[s] = graph.node_copy(s, sub_env.__getitem__)
+            continue
+        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in calls:
+            env[n] = env[n.args[0]][n.args[1]]
+            continue
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    out = fx.GraphModule(gm, graph)
+    for attr in ("peftc", "peftc_inputs", "peftc_axes", "peftc_layer_kinds"):
+        if hasattr(gm, attr):
+            setattr(out, attr, getattr(gm, attr))
+    return out
