@@ -271,3 +271,27 @@ def test_other_additive_methods_switch(methods):
     # AdaLoRA's rank is free (0 by default); VeRA's adapter-level projections keep their shape
     assert shapes["model.layers.0.self_attn.v_proj.lora_A.adalora"] == [None, 64]
     assert shapes["vera_A.vera"] == [8, 64]
+
+
+@pytest.mark.parametrize("config", [
+    lambda: peft.FourierFTConfig(n_frequency=50, scaling=20.0, target_modules=["q_proj", "v_proj"]),
+    lambda: peft.ShiraConfig(r=2, target_modules=["q_proj"], init_weights=False),
+], ids=["fourierft", "shira"])
+def test_deltas_built_in_the_weights_shape_switch_too(config, tmp_path):
+    """FourierFT and SHiRA scatter their values into a zero matrix shaped like W: additive, so they switch at run
+    time (a gate) and in ONNX (a file, and none = the base model), each equal to peft."""
+    from conftest import max_diff, peft_adapter, run_logits
+    base, pm, d = peft_adapter("llama", config(), tmp_path, seed=3)
+    x = inputs_for("llama")
+    want, plain = run_logits(pm, x), run_logits(base, x)
+    assert max_diff(want, plain) > CHANGED
+    gm = peftc.compile(f'adapter f: import "{d}"', MODELS["llama"](), switchable=True)
+    assert max_diff(run_logits(gm, x), want) <= 1e-5
+    gm.disable_adapters()
+    assert max_diff(run_logits(gm, x), plain) <= 1e-5
+    gm = peftc.compile(f'adapter f: import "{d}"', MODELS["llama"](), adapters_as_inputs=True)
+    done = peftc.export_onnx(gm, tmp_path / "m.onnx", adapters_as_inputs=True)
+    sess = adapter_session(done.model)
+    feeds = {k: v.numpy() for k, v in x.items()}
+    assert np.abs(run_with_adapters(sess, feeds, [])[0] - plain.numpy()).max() <= 1e-4
+    assert np.abs(run_with_adapters(sess, feeds, [done.adapters["f"]])[0] - want.numpy()).max() <= 1e-4
