@@ -32,6 +32,7 @@ def fold_for_export(gm: fx.GraphModule, targets: frozenset[Any] = FOLD_BEFORE_EX
     if not roots:
         return gm
     graph = fx.Graph()
+    graph._codegen = gm.graph._codegen   # the model's own input and output structure (output names: `logits`)
     env: dict[fx.Node, fx.Node] = {}
     for n in gm.graph.nodes:
         env[n] = graph.node_copy(n, lambda x: env[x])

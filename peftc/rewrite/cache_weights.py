@@ -121,6 +121,7 @@ def inline_cache(gm: fx.GraphModule) -> fx.GraphModule:
     if not calls:
         return gm
     graph = fx.Graph()
+    graph._codegen = gm.graph._codegen   # the model's own input and output structure (output names: `logits`)
     env: dict[fx.Node, Any] = {}
     for n in gm.graph.nodes:
         if n in calls:
