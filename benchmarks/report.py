@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 PNG = RESULTS / "ratios.png"
-BLOCK = re.compile(r"(<!-- results: (?P<file>[\w.\-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+# a block never spans another block's start: a lost closing marker is an error, not a silent deletion
+BLOCK = re.compile(r"(<!-- results: (?P<file>[\w.\-]+) -->\n)(?P<body>(?:(?!<!-- results:).)*?)"
+                   r"(<!-- /results -->)", re.S)
 PLOTTED = ("latest.json", "methods.json", "many.json", "generate.json", "compiled.json")
 
 

@@ -21,6 +21,8 @@ def test_readme_tables_are_the_last_runs():
     files = [m.group("file") for m in report.BLOCK.finditer(text)]
     assert {"latest.md", "methods.md", "many.md", "cli_startup.md"} <= set(files)
     assert report.render_readme(text) == text, "run python benchmarks/report.py"
+    # every block is closed: an unclosed one would swallow the README up to the next block's end
+    assert text.count("<!-- results: ") == text.count("<!-- /results -->") == len(files)
 
 
 def test_plot_is_drawn_from_the_current_results():
