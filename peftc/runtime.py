@@ -20,11 +20,12 @@ reproduce is an error saying what to compile instead; it is never loaded approxi
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -162,8 +163,11 @@ def _slots(gm: fx.GraphModule, plan: Plan, names: Sequence[str], found: dict[str
 
 
 def _pad(t: torch.Tensor, shape: torch.Size, what: str) -> torch.Tensor:
-    if t.dim() != len(shape) or any(a > b for a, b in zip(t.shape, shape)):
-        raise _Misfit(f"{what} has shape {tuple(t.shape)}, larger than the compiled {tuple(shape)}")
+    if t.dim() != len(shape):
+        raise _Misfit(f"{what} has shape {tuple(t.shape)}, another form than the compiled {tuple(shape)}")
+    if any(a > b for a, b in zip(t.shape, shape)):
+        raise _Misfit(f"{what} has shape {tuple(t.shape)}, larger than the compiled {tuple(shape)}",
+                      larger_rank_helps=True)
     if t.shape == shape:
         return t
     pads: list[int] = []
@@ -173,7 +177,18 @@ def _pad(t: torch.Tensor, shape: torch.Size, what: str) -> torch.Tensor:
 
 
 class _Misfit(Exception):
-    """A checkpoint that does not fit a slot (the message says why)."""
+    """A checkpoint that does not fit a slot (the message says why). `larger_rank_helps`: a tensor is larger
+    than the slot's, so a larger max_rank would make room; otherwise the checkpoint is another form (another
+    method, other layers, options that change the method's factors), and only a spec declaring it helps."""
+
+    def __init__(self, msg: str, larger_rank_helps: bool = False) -> None:
+        super().__init__(msg)
+        self.larger_rank_helps = larger_rank_helps
+
+    def advice(self) -> str:
+        if self.larger_rank_helps:
+            return "compile with a larger max_rank, or a spec that declares this checkpoint"
+        return "compile with a spec that declares an adapter like this checkpoint (its method, layers and options)"
 
 
 def _delta(weight64: torch.Tensor, bias64: torch.Tensor | None, kind: str, sa: SiteAdapter,
@@ -195,6 +210,7 @@ class Runtime:
                  active: list[str], merged: list[str], switchable: bool) -> None:
         self.gm, self.plan, self.module, self.slots = gm, plan, module, slots
         self.active, self.merged, self.enabled, self.switchable = list(active), merged, True, switchable
+        self.hotswap_enabled = False      # set by enable_peft_hotswap (load_adapter's hotswap="auto")
         self._params = dict(module.named_parameters(remove_duplicate=False))
 
     @property
@@ -254,6 +270,27 @@ class Runtime:
         ad = AdapterSpec(name, Span(str(directory / "adapter_config.json")), import_dir=str(directory.resolve()))
         spec = Spec("<load_adapter>", "", {name: ad})
         return build_plan(spec, self.module)
+
+    def plan_config(self, config: Any, name: str) -> Plan:
+        """The plan of a fresh adapter made from a peft config (a `PeftConfig` or its dict): the method's own
+        initialization, as `get_peft_model` would make it (LoRA's B = 0: the base model's function)."""
+        from peftc.checkpoint import adapter_from_config
+        from peftc.library import library
+        cfg = config.to_dict() if hasattr(config, "to_dict") else config
+        if not isinstance(cfg, dict):
+            raise PeftcError(f"add_adapter: adapter_config must be a peft config or a dict, not "
+                             f"{type(config).__name__}")
+        # as adapter_config.json holds it (enums as their strings, sets as lists)
+        cfg = json.loads(json.dumps(cfg, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+        lib = library().checked()
+        method = lib.method_for_config(cfg)
+        if method is None:
+            raise PeftcError(f"add_adapter: unsupported peft_type {cfg.get('peft_type')!r} "
+                             f"(peftc supports {', '.join(lib.peft_types())})")
+        where = "<add_adapter config>"
+        ad = adapter_from_config(name, where, cfg, method, Span(where))
+        ad = dataclasses.replace(ad, method=method.name, import_dir=None)
+        return build_plan(Spec(where, "", {name: ad}), self.module, lib=lib)
 
     def fit(self, slot: Slot, new: Plan, name: str) -> tuple[dict, dict, dict[str, float]]:
         """(layer -> param -> padded tensor, shared name -> padded tensor, layer -> gate ratio); _Misfit when
@@ -409,30 +446,71 @@ class RuntimeControl:
 
     peftc_runtime: Runtime
 
-    def load_adapter(self, path: str | Path, adapter_name: str = "default", hotswap: bool = False) -> None:
+    def load_adapter(self, path: str | Path, adapter_name: str = "default",
+                     hotswap: bool | Literal["auto"] = "auto") -> None:
         """Load a PEFT checkpoint directory into the graph. A new `adapter_name` takes a free slot (one
         compiled for the same method on the checkpoint's layers, with rank room) and is loaded inactive (call
         `set_adapter`), unless the module holds no adapter; `hotswap=True` replaces an existing adapter's
-        tensors in place (same method, rank up to the compiled one; alpha may differ), its state unchanged."""
+        tensors in place (same method, rank up to the compiled one; alpha may differ), its state unchanged.
+        `hotswap="auto"` (transformers' default) hot swaps once `enable_peft_hotswap` was called and the module
+        holds an adapter, and loads otherwise."""
         rt = self.peftc_runtime
         held = rt.held()
+        if hotswap not in (True, False, "auto"):
+            raise PeftcError(f"load_adapter: hotswap must be True, False or \"auto\", not {hotswap!r}")
+        if hotswap == "auto":
+            hotswap = rt.hotswap_enabled and bool(held)
         if hotswap:
             rt.names(adapter_name, "load_adapter(hotswap=True)")
             new = rt.plan_checkpoint(path, adapter_name)
             try:
                 rt.install(held[adapter_name], new, adapter_name)
             except _Misfit as e:
-                raise PeftcError(f"load_adapter: cannot hot swap '{adapter_name}' with {path}: {e}; compile with a "
-                                 "larger max_rank, or a spec that declares this checkpoint") from None
+                raise PeftcError(f"load_adapter: cannot hot swap '{adapter_name}' with {path}: {e}; "
+                                 f"{e.advice()}") from None
             rt.apply()
             return
         if adapter_name in held or adapter_name in rt.merged:
             raise PeftcError(f"load_adapter: an adapter named '{adapter_name}' exists already; pass hotswap=True to "
                              "replace its weights, or choose another name")
-        new = rt.plan_checkpoint(path, adapter_name)
+        self._install_free(rt.plan_checkpoint(path, adapter_name), adapter_name, str(path), "load_adapter")
+
+    def add_adapter(self, adapter_config: Any, adapter_name: str | None = None) -> None:
+        """A new adapter made from a peft config (`LoraConfig(...)`, or its dict), initialized as
+        `get_peft_model` initializes it, in a free slot; it becomes active, as in transformers (which makes
+        every added adapter the active one). A compiled graph trains in place only with `train=True`."""
+        rt = self.peftc_runtime
+        adapter_name = adapter_name or "default"
+        if adapter_name in rt.held() or adapter_name in rt.merged:
+            raise PeftcError(f"add_adapter: an adapter named '{adapter_name}' exists already; choose another name")
+        self._install_free(rt.plan_config(adapter_config, adapter_name), adapter_name, "the config",
+                           "add_adapter", activate=True)
+
+    def enable_peft_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
+        """transformers' `enable_peft_hotswap`: later `load_adapter(..., hotswap="auto")` calls hot swap. The
+        rank room was fixed when the graph was compiled (`max_rank`), so `target_rank` is only checked against
+        it: a larger one warns that checkpoints above the compiled rank will not fit. `check_compiled` is
+        accepted for compatibility: a compiled peftc graph never recompiles on a hot swap."""
+        rt = self.peftc_runtime
+        if check_compiled not in ("error", "warn", "ignore"):
+            raise PeftcError(f"enable_peft_hotswap: check_compiled must be 'error', 'warn' or 'ignore', not "
+                             f"{check_compiled!r}")
+        if not isinstance(target_rank, int) or target_rank < 1:
+            raise PeftcError(f"enable_peft_hotswap: target_rank must be a positive int, not {target_rank!r}")
+        ranks = {sa.layer_options[RANK] for s in rt.slots.values() for sa in s.sites.values()
+                 if RANK in sa.layer_options}
+        if ranks and target_rank > max(ranks):
+            warnings.warn(f"enable_peft_hotswap: the graph's slots were compiled at rank {max(ranks)}; a checkpoint "
+                          f"of rank up to {target_rank} fits only if the graph is compiled with max_rank="
+                          f"{target_rank}", PeftcWarning, stacklevel=2)
+        rt.hotswap_enabled = True
+
+    def _install_free(self, new: Plan, adapter_name: str, source: str, what: str, activate: bool = False) -> None:
+        rt = self.peftc_runtime
+        held = rt.held()
         free = [s for s in rt.slots.values() if s.holds is None]
         if not free:
-            raise PeftcError(f"load_adapter: no free slot for '{adapter_name}': every slot holds an adapter "
+            raise PeftcError(f"{what}: no free slot for '{adapter_name}': every slot holds an adapter "
                              f"({', '.join(held) or 'none'}); compile with max_adapters=N (and max_rank=R) to reserve "
                              "slots, or delete_adapter one first")
         why = []
@@ -442,11 +520,11 @@ class RuntimeControl:
             except _Misfit as e:
                 why.append(f"slot '{slot.name}' ({slot.method}): {e}")
                 continue
-            if not held:
+            if not held or activate:
                 rt.active = [adapter_name]
             rt.apply()
             return
-        raise PeftcError(f"load_adapter: {path} fits no free slot: {'; '.join(why)}; slots are compiled with "
+        raise PeftcError(f"{what}: {source} fits no free slot: {'; '.join(why)}; slots are compiled with "
                          "the method and layers of the spec's first adapter (max_adapters) and rank max_rank: "
                          "compile with a spec that declares an adapter like it")
 

@@ -43,6 +43,8 @@ CHECKPOINTS = {   # name -> (config, seed); every name a checkpoint of its own
     "o2": (lambda m: _lora(m, r=4, lora_alpha=8, use_dora=True), 12),
     "v": (lambda m: peft.VeraConfig(r=8, target_modules=TARGETS[m], init_weights=False), 13),
     "v2": (lambda m: peft.VeraConfig(r=4, target_modules=TARGETS[m], init_weights=False, projection_prng_key=3), 14),
+    "kr4": (lambda m: peft.LoKrConfig(r=4, alpha=4, target_modules=["q_proj"], init_weights=False), 15),  # full w2
+    "kr2": (lambda m: peft.LoKrConfig(r=2, alpha=2, target_modules=["q_proj"], init_weights=False), 16),  # w2_a @ w2_b
 }
 
 
@@ -409,3 +411,59 @@ def test_dora_hot_swap_under_torch_compile_refreshes_its_frozen_norm(ckpts):
     want = run_logits(peft.PeftModel.from_pretrained(MODELS[model](), str(ckpts(model, "o2"))).eval(), x)
     assert max_diff(got, want) <= TOL and max_diff(want, want_first) > CHANGED
     dynamo.reset()
+
+
+def test_add_adapter_and_auto_hotswap_like_transformers(ckpts):
+    """transformers' `add_adapter(config, name)`: a fresh adapter in a free slot, initialized as peft
+    initializes it (LoRA's default init: B = 0, the base model's function) and made active; with random init
+    its tensors, put into a peft model, give peft's outputs. `enable_peft_hotswap` then makes
+    `load_adapter(..., hotswap="auto")` (the default) a hot swap; without it "auto" loads into a new slot."""
+    model = "llama"
+    x = inputs_for(model)
+    base = run_logits(MODELS[model](), x)
+    gm = peftc.compile(_spec({"a": ckpts(model, "a")}), MODELS[model](), max_adapters=3, max_rank=8)
+    gm.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[model]), adapter_name="fresh")
+    assert gm.active_adapters() == ["fresh"]
+    assert max_diff(run_logits(gm, x), base) <= TOL                      # B = 0
+    sd = gm.get_adapter_state_dict("fresh")
+    assert sd and all(float(t.abs().max()) == 0.0 for k, t in sd.items() if "lora_B" in k)
+    assert all(float(t.abs().max()) > 0.0 for k, t in sd.items() if "lora_A" in k)
+    cfg = _lora(model, r=4, lora_alpha=8)                                # init_lora_weights=False: B random too
+    gm.add_adapter(cfg.to_dict(), adapter_name="rand")
+    pm = peft.get_peft_model(MODELS[model](), cfg).eval()
+    peft.set_peft_model_state_dict(pm, gm.get_adapter_state_dict("rand"))
+    want = run_logits(pm, x)
+    assert max_diff(run_logits(gm, x), want) <= TOL < max_diff(want, base)
+    with pytest.raises(PeftcError, match="add_adapter: an adapter named 'rand' exists already"):
+        gm.add_adapter(cfg, adapter_name="rand")
+    with pytest.raises(PeftcError, match="add_adapter: no free slot for 'more'"):
+        gm.add_adapter(cfg, adapter_name="more")
+    # hotswap="auto": off until enable_peft_hotswap, then a hot swap of the named adapter
+    gm.delete_adapter("fresh")
+    gm.set_adapter("a")
+    gm.load_adapter(ckpts(model, "b"), adapter_name="b")                # auto, not enabled: a new slot
+    assert gm.active_adapters() == ["a"] and "b" in gm.peftc.adapters
+    with pytest.warns(peftc.PeftcWarning, match="compiled at rank 8.*max_rank=128"):
+        gm.enable_peft_hotswap()                                         # transformers' default target_rank 128
+    gm.load_adapter(ckpts(model, "d"), adapter_name="a")                # auto: hot swap 'a' in place
+    ref = peft.PeftModel.from_pretrained(MODELS[model](), str(ckpts(model, "d"))).eval()
+    assert max_diff(run_logits(gm, x), run_logits(ref, x)) <= TOL
+    with pytest.raises(PeftcError, match="no adapter named 'zz'"):
+        gm.load_adapter(ckpts(model, "d"), adapter_name="zz")            # auto: hot swap needs the name
+    with pytest.raises(PeftcError, match="hotswap must be True, False or"):
+        gm.load_adapter(ckpts(model, "d"), adapter_name="a", hotswap="yes")
+
+
+def test_misfit_advice_names_what_would_help(ckpts):
+    """A checkpoint whose options change the method's factors (LoKr at r=2 stores w2 as w2_a @ w2_b; the slot,
+    compiled at r=8, holds a full w2) is not helped by a larger max_rank, and the error says what is; a
+    tensor larger than the slot's is, and that error says so."""
+    model = "llama"
+    gm = peftc.compile(_spec({"a": ckpts(model, "kr4")}), MODELS[model](), max_rank=8)
+    with pytest.raises(PeftcError, match=r"no 'w2' in the checkpoint.*change the method's factors\); compile with a "
+                                         r"spec that declares an adapter like this checkpoint") as e:
+        gm.load_adapter(ckpts(model, "kr2"), adapter_name="a", hotswap=True)
+    assert "max_rank" not in str(e.value)
+    lora = peftc.compile(_spec({"a": ckpts(model, "a")}), MODELS[model](), max_rank=8)
+    with pytest.raises(PeftcError, match=r"larger than the compiled.*compile with a larger max_rank"):
+        lora.load_adapter(ckpts(model, "big"), adapter_name="a", hotswap=True)
