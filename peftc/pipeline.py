@@ -147,10 +147,9 @@ def check_modes(*, merge: bool, adapter_ids: bool, switchable: bool, adapters_as
     if switchable and adapters_as_inputs:
         raise PeftcError("switchable / max_adapters / max_rank and adapters_as_inputs do not go together: with "
                          "adapters as ONNX inputs the adapter files are the switch (onnxruntime's RunOptions)")
-    if switchable and (merge or adapter_ids):
-        raise PeftcError("switchable / max_adapters / max_rank: " + ("merge=True folds every adapter into the "
-                         "weights, so there is nothing to switch" if merge else "a per-row choice (adapter_ids) "
-                         "and run-time switching are not combined yet; choose one"))
+    if switchable and merge:
+        raise PeftcError("switchable / max_adapters / max_rank: merge=True folds every adapter into the weights, so "
+                         "there is nothing to switch")
 
 
 def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
@@ -194,7 +193,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
             true_plan = plan
             skel = skeleton(sp, true_plan, max_adapters, max_rank)
             plan = build_plan(skel.spec, loaded.module, train=train, seed=seed)
-    selectable = list(sp.adapters) if adapter_ids else None
+    selectable = (list(skel.spec.adapters) if skel is not None else list(sp.adapters)) if adapter_ids else None
     if adapters_as_inputs:
         check_switchable(plan)
         free = free_dims(plan)
@@ -261,7 +260,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
     gm.train(train)
     if not merge:   # load_adapter, set_adapter, ... (peftc.runtime)
         from peftc.runtime import attach
-        attach(gm, plan, loaded.module, gated_at, skel, true_plan)
+        attach(gm, plan, loaded.module, gated_at, skel, true_plan, per_row=selectable)
     return Compiled(gm, plan, loaded, rule_log=rule_log, rule_hits=rule_hits, dense_layers=dense)
 
 

@@ -211,6 +211,7 @@ class Runtime:
         self.gm, self.plan, self.module, self.slots = gm, plan, module, slots
         self.active, self.merged, self.enabled, self.switchable = list(active), merged, True, switchable
         self.hotswap_enabled = False      # set by enable_peft_hotswap (load_adapter's hotswap="auto")
+        self.per_row: list[str] | None = None   # with adapter_ids: the compiled adapters (slots) in id order
         self._params = dict(module.named_parameters(remove_duplicate=False))
 
     @property
@@ -241,7 +242,9 @@ class Runtime:
         """Write every gate from the active list, the enabled flag and each slot's ratios."""
         with torch.no_grad():
             for slot in self.slots.values():
-                on = slot.holds is not None and self.enabled and slot.holds in self.active
+                # with adapter_ids every held adapter is on (each row chooses), unless adapters are disabled
+                on = slot.holds is not None and self.enabled and (self.per_row is not None
+                                                                  or slot.holds in self.active)
                 for lname, path in slot.gates.items():
                     get_path(self.gm, path).fill_(slot.ratio.get(lname, 0.0) if on else 0.0)
 
@@ -253,7 +256,7 @@ class Runtime:
                 raise PeftcError(f"{what}: adapter '{n}' is merged into the base weights (declared with `merge` or "
                                  "compiled with merge=True): it is a constant of the graph, always on; compile it "
                                  "unmerged to control it at run time")
-            if n not in held and n in self.plan.adapters:
+            if n not in held and n in self.plan.adapters and n not in self.slots:   # (not a deleted one)
                 raise PeftcError(f"{what}: adapter '{n}' is inactive in the spec and was not compiled; compile with "
                                  "switchable=True to switch it on at run time")
             if n not in held:
@@ -409,9 +412,11 @@ def _opts(sa: SiteAdapter) -> str:
 
 
 def attach(gm: fx.GraphModule, plan: Plan, module: nn.Module, found: dict[str, set[str]],
-           skel: Skeleton | None = None, true_plan: Plan | None = None) -> None:
+           skel: Skeleton | None = None, true_plan: Plan | None = None,
+           per_row: Sequence[str] | None = None) -> None:
     """Give `gm` the run-time methods. `plan` is what was compiled; with a skeleton, `true_plan` holds the
-    declared adapters' real tensors (installed when the skeleton compiled them at max_rank)."""
+    declared adapters' real tensors (installed when the skeleton compiled them at max_rank). `per_row`: the
+    compiled adapters in `adapter_ids` order, when the graph chooses per row."""
     merged = [n for n, ap in plan.adapters.items() if ap.merge and ap.active]
     live = [n for n, ap in plan.adapters.items() if ap.active and not ap.merge]
     slots = _slots(gm, plan, live, found)
@@ -423,6 +428,7 @@ def attach(gm: fx.GraphModule, plan: Plan, module: nn.Module, found: dict[str, s
         if n.startswith(SLOT):
             gm.peftc.adapters.pop(n, None)     # spare slots are not adapters (nothing to save)
     rt = Runtime(gm, plan, module, slots, active, merged, switchable=skel is not None)
+    rt.per_row = list(per_row) if per_row is not None else None
     if skel is not None and skel.install and true_plan is not None:
         for name in skel.gated:
             if name in true_plan.adapters:
@@ -531,6 +537,9 @@ class RuntimeControl:
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters the active ones (the others stop running)."""
         rt = self.peftc_runtime
+        if rt.per_row is not None:
+            raise PeftcError("set_adapter: this graph chooses adapters per row (adapter_ids); every adapter it holds "
+                             "is on for the rows that choose it (adapter_index(name) gives its id)")
         names = rt.names(adapter_name, "set_adapter")
         rt.check_state(names, rt.enabled)
         rt.active = names
@@ -553,8 +562,19 @@ class RuntimeControl:
         rt.apply()
 
     def active_adapters(self) -> list[str]:
-        """The active adapters (as set, also while they are disabled)."""
-        return list(self.peftc_runtime.active)
+        """The active adapters (as set, also while they are disabled); with adapter_ids, every held adapter."""
+        rt = self.peftc_runtime
+        return list(rt.held()) if rt.per_row is not None else list(rt.active)
+
+    def adapter_index(self, adapter_name: str) -> int:
+        """The `adapter_ids` value that chooses this adapter for a row (graphs compiled with adapter_ids): its
+        slot's position, the spec's adapters first in declaration order, then the spare slots; an adapter
+        loaded into a spare slot takes that slot's id."""
+        rt = self.peftc_runtime
+        if rt.per_row is None:
+            raise PeftcError("adapter_index: this graph was compiled without adapter_ids")
+        rt.names(adapter_name, "adapter_index")
+        return rt.per_row.index(rt.held()[adapter_name].name)
 
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """peft's `get_peft_model_state_dict(model, adapter_name=...)`: the adapter's tensors under their

@@ -467,3 +467,42 @@ def test_misfit_advice_names_what_would_help(ckpts):
     lora = peftc.compile(_spec({"a": ckpts(model, "a")}), MODELS[model](), max_rank=8)
     with pytest.raises(PeftcError, match=r"larger than the compiled.*compile with a larger max_rank"):
         lora.load_adapter(ckpts(model, "big"), adapter_name="a", hotswap=True)
+
+
+def test_per_row_choice_with_run_time_slots_matches_peft(ckpts):
+    """adapter_ids with max_adapters / max_rank (a serving graph: many adapters, each row choosing one, loaded
+    and hot-swapped while it runs): each state gives peft's `adapter_names=[...]` rows; `adapter_index` gives
+    the id of an adapter loaded into a spare slot; disabling gives the base model on every row."""
+    model = "llama"
+    x = inputs_for(model)
+    gm = peftc.compile(_spec({"a": ckpts(model, "a"), "b": ckpts(model, "b")}), MODELS[model](), adapter_ids=True,
+                       max_adapters=3, max_rank=8)
+    pm = _peft(model, {"a": ckpts(model, "a"), "b": ckpts(model, "b"), "c": ckpts(model, "c")}, mixed=False)
+
+    def same(ids: list[int], names: list[str], what: str) -> None:
+        got = run_logits(lambda **k: gm(**k, adapter_ids=torch.tensor(ids)), x)
+        with torch.no_grad():
+            want = pm(**x, adapter_names=names).logits
+        assert max_diff(got, want) <= TOL, what
+
+    same([0, 1, -1], ["a", "b", "__base__"], "as compiled")
+    same([2, 0, 1], ["__base__", "a", "b"], "an empty slot runs the base model")
+    gm.load_adapter(ckpts(model, "c"), adapter_name="c")
+    assert gm.adapter_index("c") == 2 and gm.active_adapters() == ["a", "b", "c"]
+    same([2, 0, 1], ["c", "a", "b"], "c loaded into the spare slot")
+    gm.load_adapter(ckpts(model, "d"), adapter_name="a", hotswap=True)      # rsLoRA r=6 into the r=8 slot
+    pm.delete_adapter("a")
+    pm.load_adapter(str(ckpts(model, "d")), adapter_name="a")
+    same([0, 2, 0], ["a", "c", "a"], "a hot-swapped")
+    gm.disable_adapters()
+    same([0, 1, 2], ["__base__"] * 3, "disabled")
+    gm.enable_adapters()
+    gm.delete_adapter("b")
+    same([1, 0, 2], ["__base__", "a", "c"], "b deleted: its id runs the base model")
+    with pytest.raises(PeftcError, match="set_adapter: this graph chooses adapters per row"):
+        gm.set_adapter("a")
+    with pytest.raises(PeftcError, match="adapter_index: no adapter named 'b'"):
+        gm.adapter_index("b")
+    plain = peftc.compile(_spec({"a": ckpts(model, "a")}), MODELS[model](), max_adapters=2)
+    with pytest.raises(PeftcError, match="compiled without adapter_ids"):
+        plain.adapter_index("a")
