@@ -17,7 +17,6 @@ merged transform into a constant, so the factoring rules only ever see live adap
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -52,6 +51,7 @@ from peftc.rewrite.insert_adapters import insert_adapters
 from peftc.rewrite.rejoin_dense import rejoin_dense
 from peftc.rewrite.stack_adapters import IDS, stack_adapters
 from peftc.rewrite.strip_bookkeeping import strip_bookkeeping
+from peftc.spec.all_live import all_adapters_live
 from peftc.spec.combinations import expand_combinations
 from peftc.spec.model import Spec
 from peftc.spec.parse import parse_spec, read_spec
@@ -108,20 +108,11 @@ def check_spec(spec: Spec, lib: Library | None = None) -> None:
 def selectable_spec(sp: Spec, merge: bool) -> Spec:
     """The spec a per-row adapter choice compiles: every declared adapter live (the `active` line does not
     apply: `adapter_ids` chooses per row); a merged adapter is an error (it would act on every row)."""
-    merged = [a for a in sp.adapters.values() if a.merge]
-    if merge or merged:
-        where = f"adapter '{merged[0].name}' is declared with `merge`" if merged else "--merge folds every adapter"
-        raise PeftcError(f"--adapter-ids: {where}, but a per-row choice needs every adapter live "
-                         "(a merged adapter would act on every row)")
-    if not sp.adapters:
-        raise PeftcError("--adapter-ids: the spec declares no adapter")
-    terms = [a for a in sp.adapters.values() if a.delta_scale is not None]
-    if terms:
-        comb = terms[0].extra_config["__combination"][0]
-        raise PeftcError(f"--adapter-ids: combination '{comb}' (type exact) runs as one adapter per term, so ids "
-                         "would not count the spec's adapters; combine imported LoRA checkpoints (one adapter), or "
-                         "drop --adapter-ids")
-    return dataclasses.replace(sp, active=None)
+    return all_adapters_live(
+        sp, merge, flag="--adapter-ids",
+        merged_why="a per-row choice needs every adapter live (a merged adapter would act on every row)",
+        terms_why=", so ids would not count the spec's adapters; combine imported LoRA checkpoints (one adapter), "
+                  "or drop --adapter-ids")
 
 
 def with_adapter_ids(inputs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
