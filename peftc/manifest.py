@@ -37,6 +37,11 @@ class AdapterRecord:
     saved_names: dict[str, str] = field(default_factory=dict)  # layer -> peft's module name for its tensors
     replicate: list[tuple[int, int]] | None = None  # the model's layer replication (peft's layer_replication)
 
+    def saved_module(self, layer: str) -> str:
+        """Where the PEFT checkpoint keeps this layer's tensors (`keys`, else `saved_names`, else its name)."""
+        from peftc.sites import saved_module
+        return saved_module(layer, self.keys.get(layer), self.saved_names)
+
 
 @dataclass
 class Manifest:

@@ -17,7 +17,6 @@ merged transform into a constant, so the factoring rules only ever see live adap
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -52,6 +51,7 @@ from peftc.rewrite.insert_adapters import insert_adapters
 from peftc.rewrite.rejoin_dense import rejoin_dense
 from peftc.rewrite.stack_adapters import IDS, stack_adapters
 from peftc.rewrite.strip_bookkeeping import strip_bookkeeping
+from peftc.spec.all_live import all_adapters_live
 from peftc.spec.combinations import expand_combinations
 from peftc.spec.model import Spec
 from peftc.spec.parse import parse_spec, read_spec
@@ -108,20 +108,11 @@ def check_spec(spec: Spec, lib: Library | None = None) -> None:
 def selectable_spec(sp: Spec, merge: bool) -> Spec:
     """The spec a per-row adapter choice compiles: every declared adapter live (the `active` line does not
     apply: `adapter_ids` chooses per row); a merged adapter is an error (it would act on every row)."""
-    merged = [a for a in sp.adapters.values() if a.merge]
-    if merge or merged:
-        where = f"adapter '{merged[0].name}' is declared with `merge`" if merged else "--merge folds every adapter"
-        raise PeftcError(f"--adapter-ids: {where}, but a per-row choice needs every adapter live "
-                         "(a merged adapter would act on every row)")
-    if not sp.adapters:
-        raise PeftcError("--adapter-ids: the spec declares no adapter")
-    terms = [a for a in sp.adapters.values() if a.delta_scale is not None]
-    if terms:
-        comb = terms[0].extra_config["__combination"][0]
-        raise PeftcError(f"--adapter-ids: combination '{comb}' (type exact) runs as one adapter per term, so ids "
-                         "would not count the spec's adapters; combine imported LoRA checkpoints (one adapter), or "
-                         "drop --adapter-ids")
-    return dataclasses.replace(sp, active=None)
+    return all_adapters_live(
+        sp, merge, flag="--adapter-ids",
+        merged_why="a per-row choice needs every adapter live (a merged adapter would act on every row)",
+        terms_why=", so ids would not count the spec's adapters; combine imported LoRA checkpoints (one adapter), "
+                  "or drop --adapter-ids")
 
 
 def with_adapter_ids(inputs: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
@@ -152,30 +143,34 @@ def check_modes(*, merge: bool, adapter_ids: bool, switchable: bool, adapters_as
                          "there is nothing to switch")
 
 
-def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
-                  example_inputs: list[str] | dict[str, torch.Tensor] | None = None,
-                  dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0,
-                  observe: Callable[[str, fx.GraphModule], None] | None = None,
-                  adapter_ids: bool = False, switchable: bool = False, max_adapters: int | None = None,
-                  max_rank: int | None = None, adapters_as_inputs: bool = False, with_past: bool = False,
-                  freeze: bool | None = None, dtype: torch.dtype | None = None) -> Compiled:
-    """`compile` with its options, returning the graph with the plan and the loaded model. `with_past`: trace the
-    decoder with its key/value cache as flat inputs and outputs (peftc.generation), for a generation-ready
-    export. `freeze` (default: `not train`, and off with `adapters_as_inputs`, whose adapter tensors become
-    inputs): compute once the gradient-free values that depend on adapter tensors (DoRA's weight norm;
-    rewrite/freeze_detached.py); `gm.peftc.frozen` says what each derives from. `dtype`: cast the model (a copy
-    of a caller's module) and its float example inputs before tracing."""
-    if dump_after is not None and dump_after not in PASSES:
-        raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
+@dataclass
+class Planned:
+    """The planning step's result: the plan compiled, and for a switchable compile the skeleton it was built
+    from and the plan of the spec as written (`true_plan`)."""
+    plan: Plan
+    skel: object = None
+    true_plan: Plan | None = None
+
+
+def prepare_spec(spec: str | Path | Spec, *, merge: bool, adapter_ids: bool, switchable: bool,
+                 adapters_as_inputs: bool, with_past: bool, example_inputs: object) -> Spec:
+    """The spec the options compile (combinations expanded, every adapter live for a run-time choice); the
+    options that do not go together are refused here, before the model loads."""
     sp = expand_combinations(load_spec(spec))   # combinations computed once, before the model loads
     check_spec(sp)
     if adapter_ids:
         sp = selectable_spec(sp, merge)
-    switchable = switchable or max_adapters is not None or max_rank is not None
     check_modes(merge=merge, adapter_ids=adapter_ids, switchable=switchable, adapters_as_inputs=adapters_as_inputs,
                 with_past=with_past, example_inputs=example_inputs)
     if adapters_as_inputs:
         sp = switchable_spec(sp, merge)
+    return sp
+
+
+def load_for(sp: Spec, model: str | nn.Module, example_inputs: list[str] | dict[str, torch.Tensor] | None, *,
+             dtype: torch.dtype | None, with_past: bool) -> LoadedModel:
+    """The model and its example inputs, cast to `dtype`, with the spec's layer replication, and for
+    `with_past` the decoder with its key/value cache as flat inputs."""
     with step("Loading model"):
         loaded = load_model(model, example_inputs)
         if dtype is not None:
@@ -185,31 +180,30 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         if with_past:
             from peftc.generation import with_past as wrap_with_past
             loaded = wrap_with_past(loaded)
-    skel = true_plan = None
+    return loaded
+
+
+def plan_for(sp: Spec, loaded: LoadedModel, *, merge: bool, train: bool, seed: int, switchable: bool,
+             max_adapters: int | None, max_rank: int | None) -> Planned:
     with step("Planning adapters"):
         plan = build_plan(sp, loaded.module, merge_all=merge, train=train, seed=seed)
-        if switchable:   # compile a skeleton: every additive adapter live, spare slots, ranks at max_rank
-            from peftc.runtime import skeleton
-            true_plan = plan
-            skel = skeleton(sp, true_plan, max_adapters, max_rank)
-            plan = build_plan(skel.spec, loaded.module, train=train, seed=seed)
-    selectable = (list(skel.spec.adapters) if skel is not None else list(sp.adapters)) if adapter_ids else None
-    if adapters_as_inputs:
-        check_switchable(plan)
-        free = free_dims(plan)
-    if adapter_ids:
-        with_mts = [a for a, ap in plan.adapters.items() if ap.modules_to_save]
-        if with_mts:
-            raise PeftcError(f"--adapter-ids: adapter '{with_mts[0]}' has `save` modules (modules_to_save); "
-                             "a per-row choice of those is not supported yet")
-        loaded.inputs = with_adapter_ids(loaded.inputs, len(selectable))
+        if not switchable:
+            return Planned(plan)
+        # compile a skeleton: every additive adapter live, spare slots, ranks at max_rank
+        from peftc.runtime import skeleton
+        skel = skeleton(sp, plan, max_adapters, max_rank)
+        return Planned(build_plan(skel.spec, loaded.module, train=train, seed=seed), skel, plan)
+
+
+def _unchanged(g: fx.GraphModule) -> PassResult:
+    return PassResult(g, False)
+
+
+def pass_table(plan: Plan, manifest: Manifest, *, skel: object, selectable: list[str] | None,
+               rule_log: list[str], rule_hits: Counter, gated_at: dict[str, set[str]], freeze: bool,
+               adapters_as_inputs: bool) -> dict[str, Callable[[fx.GraphModule], PassResult]]:
+    """Each pass of PASSES, set up for this compile (a pass that does not apply changes nothing)."""
     live = {lname: [sa.adapter for sa in sas if sa.active and not sa.merge] for lname, sas in plan.sites.items()}
-    with step("Tracing (torch.export)"):
-        gm = trace(loaded.module, loaded.inputs, extra=(IDS,) if adapter_ids else ())
-    manifest = Manifest(base_model_name_or_path=base_model_name(loaded))
-    rule_log: list[str] = []
-    rule_hits: Counter = Counter()
-    gated_at: dict[str, set[str]] = {}
     passes = {
         "strip": strip_bookkeeping(),
         "insert": insert_adapters(plan, manifest),
@@ -219,8 +213,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         "stack": stack_adapters(selectable, live, rule_log, rule_hits),
         "rejoin": rejoin_dense(),
         "cse": eliminate_common_subexpressions(),
-        "freeze": (freeze_detached(manifest) if ((not train and not adapters_as_inputs) if freeze is None else freeze)
-                   else (lambda g: PassResult(g, False))),
+        "freeze": freeze_detached(manifest) if freeze else _unchanged,
         "choose": choose_form(rule_log, rule_hits),
         "addbmm": fold_branch_add(rule_log, rule_hits),
         "fuse": fuse_shared_input(manifest),
@@ -231,7 +224,14 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         # the adapter tensors become ONNX inputs of free rank: `fuse` and `choose` concatenate A's and split at fixed
         # ranks, and `cache` would hold values computed from them
         for skipped in ("choose", "fuse", "cache"):
-            passes[skipped] = lambda g: PassResult(g, False)
+            passes[skipped] = _unchanged
+    return passes
+
+
+def run_passes(gm: fx.GraphModule, passes: dict[str, Callable[[fx.GraphModule], PassResult]], *,
+               dump_after: str | None, dump: Callable[[str], None],
+               observe: Callable[[str, fx.GraphModule], None] | None) -> fx.GraphModule:
+    """The passes in PASSES order; the graph dumped after `dump_after`, and shown to `observe` after each."""
     for name in PASSES:
         with step(f"Pass {name}"):
             gm = passes[name](gm).graph_module
@@ -239,7 +239,14 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
             dump(f"# graph after pass '{name}'\n{describe(gm)}")
         if observe is not None:   # `peftc graph`: the graph after each pass
             observe(name, gm)
-    dense = dense_layers(gm, {n: layer.shape for n, layer in plan.layers.items()}, manifest.live)
+    return gm
+
+
+def annotate(gm: fx.GraphModule, plan: Plan, loaded: LoadedModel, manifest: Manifest, *, with_past: bool,
+             adapters_as_inputs: bool, free: object, model: str | nn.Module) -> None:
+    """What the emitters and the runtime read from the compiled graph: its manifest (`gm.peftc`), example inputs,
+    layer kinds, key/value layout, optional inputs, and with adapters as inputs their free dims and the base
+    model (all kept by copy.deepcopy)."""
     gm.peftc = manifest
     gm.peftc_inputs = dict(loaded.inputs)
     gm.peftc_layer_kinds = {name: layer.kind for name, layer in plan.layers.items()}
@@ -257,10 +264,62 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         # the base model, for the check that a run without adapter files gives its outputs (not a submodule)
         gm.__dict__["peftc_base"] = base_forward(loaded.module, list(loaded.inputs))
         gm.__dict__["peftc_model_ref"] = model if isinstance(model, str) else None
+
+
+def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: bool = False, train: bool = False,
+                  example_inputs: list[str] | dict[str, torch.Tensor] | None = None,
+                  dump_after: str | None = None, dump: Callable[[str], None] = print, seed: int = 0,
+                  observe: Callable[[str, fx.GraphModule], None] | None = None,
+                  adapter_ids: bool = False, switchable: bool = False, max_adapters: int | None = None,
+                  max_rank: int | None = None, adapters_as_inputs: bool = False, with_past: bool = False,
+                  freeze: bool | None = None, dtype: torch.dtype | None = None) -> Compiled:
+    """`compile` with its options, returning the graph with the plan and the loaded model. `with_past`: trace the
+    decoder with its key/value cache as flat inputs and outputs (peftc.generation), for a generation-ready
+    export. `freeze` (default: `not train`, and off with `adapters_as_inputs`, whose adapter tensors become
+    inputs): compute once the gradient-free values that depend on adapter tensors (DoRA's weight norm;
+    rewrite/freeze_detached.py); `gm.peftc.frozen` says what each derives from. `dtype`: cast the model (a copy
+    of a caller's module) and its float example inputs before tracing.
+
+    Steps: prepare_spec, load_for, plan_for, the mode checks on the plan, trace, pass_table + run_passes,
+    annotate, and the runtime's adapter methods (peftc.runtime.attach)."""
+    if dump_after is not None and dump_after not in PASSES:
+        raise PeftcError(f"--dump-after: unknown pass '{dump_after}'; passes are {', '.join(PASSES)}")
+    switchable = switchable or max_adapters is not None or max_rank is not None
+    sp = prepare_spec(spec, merge=merge, adapter_ids=adapter_ids, switchable=switchable,
+                      adapters_as_inputs=adapters_as_inputs, with_past=with_past, example_inputs=example_inputs)
+    loaded = load_for(sp, model, example_inputs, dtype=dtype, with_past=with_past)
+    planned = plan_for(sp, loaded, merge=merge, train=train, seed=seed, switchable=switchable,
+                       max_adapters=max_adapters, max_rank=max_rank)
+    plan = planned.plan
+    # the adapters adapter_ids indexes: the spec's, then a switchable compile's spare slots
+    selectable = list((planned.skel.spec if planned.skel is not None else sp).adapters) if adapter_ids else None
+    free = None
+    if adapters_as_inputs:
+        check_switchable(plan)
+        free = free_dims(plan)
+    if adapter_ids:
+        with_mts = [a for a, ap in plan.adapters.items() if ap.modules_to_save]
+        if with_mts:
+            raise PeftcError(f"--adapter-ids: adapter '{with_mts[0]}' has `save` modules (modules_to_save); "
+                             "a per-row choice of those is not supported yet")
+        loaded.inputs = with_adapter_ids(loaded.inputs, len(selectable))
+    with step("Tracing (torch.export)"):
+        gm = trace(loaded.module, loaded.inputs, extra=(IDS,) if adapter_ids else ())
+    manifest = Manifest(base_model_name_or_path=base_model_name(loaded))
+    rule_log: list[str] = []
+    rule_hits: Counter = Counter()
+    gated_at: dict[str, set[str]] = {}
+    passes = pass_table(plan, manifest, skel=planned.skel, selectable=selectable, rule_log=rule_log,
+                        rule_hits=rule_hits, gated_at=gated_at, adapters_as_inputs=adapters_as_inputs,
+                        freeze=(not train and not adapters_as_inputs) if freeze is None else freeze)
+    gm = run_passes(gm, passes, dump_after=dump_after, dump=dump, observe=observe)
+    dense = dense_layers(gm, {n: layer.shape for n, layer in plan.layers.items()}, manifest.live)
+    annotate(gm, plan, loaded, manifest, with_past=with_past, adapters_as_inputs=adapters_as_inputs, free=free,
+             model=model)
     gm.train(train)
     if not merge:   # load_adapter, set_adapter, ... (peftc.runtime)
         from peftc.runtime import attach
-        attach(gm, plan, loaded.module, gated_at, skel, true_plan, per_row=selectable)
+        attach(gm, plan, loaded.module, gated_at, planned.skel, planned.true_plan, per_row=selectable)
     return Compiled(gm, plan, loaded, rule_log=rule_log, rule_hits=rule_hits, dense_layers=dense)
 
 

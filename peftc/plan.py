@@ -45,7 +45,7 @@ from peftc.lang.methods import (
 from peftc.layer_kinds import KINDS
 from peftc.library import Library, library
 from peftc.ops import DTYPES, Init
-from peftc.sites import add_parts, check_bias_mode, default_targets, tied_modules, trained_biases
+from peftc.sites import add_parts, check_bias_mode, default_targets, saved_module, tied_modules, trained_biases
 from peftc.spec.combinations import expand_combinations, scale_delta
 from peftc.spec.model import AdapterSpec, Span, Spec
 from peftc.targeting import (
@@ -655,7 +655,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
             w_lin = weight.transpose(-2, -1) if KINDS[layer.kind].transposed else weight
             bias = params.get(layer.bias) if layer.bias else None
             pdtype = _param_dtype(layer.dtype)
-            load = _checkpoint_loader(ckpt, f"{PREFIX}{layer.key or saved_names.get(lname, lname)}.", pdtype,
+            load = _checkpoint_loader(ckpt, f"{PREFIX}{saved_module(lname, layer.key, saved_names)}.", pdtype,
                                       f"adapter '{name}', {method.name} on '{lname}'")
             env = {**prog.env, **shared, "W": w_lin.detach().to(pdtype),
                    "b": bias.detach().to(pdtype) if bias is not None else None}

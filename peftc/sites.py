@@ -68,6 +68,14 @@ def layer_key(layers: dict[str, Layer], lname: str) -> str:
     return layer.key if layer is not None and layer.key else lname
 
 
+def saved_module(lname: str, key: str | None, saved_names: dict[str, str] | None = None) -> str:
+    """Where a PEFT checkpoint keeps a layer's adapter tensors (their keys' prefix after PREFIX): the layer's
+    checkpoint path where that is not its name (`Layer.key`: an MHA's out_proj part), else, for a targeted
+    parameter, the module peft wraps (`saved_names`, plan.parameter_saved_names), else the layer's name. The
+    one rule the loader (plan.py), the manifest and the checkpoint writer share."""
+    return key or (saved_names or {}).get(lname, lname)
+
+
 def peft_param_key(fqn: str, matched: list[str], layers: dict[str, Layer]) -> str:
     """The key peft saves a base parameter under: inside an adapted layer peft wraps the original module as
     `base_layer` (`q_proj.bias` -> `q_proj.base_layer.bias`); elsewhere the parameter's own name."""

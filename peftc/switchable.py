@@ -14,7 +14,6 @@ graph then holds no value that depends on alpha, and an adapter file of another 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import inspect
 import operator
@@ -28,6 +27,7 @@ from torch.utils import _pytree as pytree
 from peftc.errors import PeftcError
 from peftc.manifest import Manifest
 from peftc.rewrite.graph_tools import TAG, get_path
+from peftc.spec.all_live import all_adapters_live
 
 aten = torch.ops.aten
 _SCALES = {aten.mul.Tensor, aten.div.Tensor, operator.mul, operator.truediv}
@@ -36,19 +36,11 @@ _SCALES = {aten.mul.Tensor, aten.div.Tensor, operator.mul, operator.truediv}
 def switchable_spec(sp: Any, merge: bool) -> Any:
     """The spec `--adapters-as-inputs` compiles: every declared adapter live, with its own inputs (the `active`
     line does not apply: which adapter files are active is chosen at run time)."""
-    merged = [a for a in sp.adapters.values() if a.merge]
-    if merge or merged:
-        where = f"adapter '{merged[0].name}' is declared with `merge`" if merged else "--merge folds every adapter"
-        raise PeftcError(f"--adapters-as-inputs: {where}, but a switchable adapter must stay live (a merged one "
-                         "is part of the base weights and cannot be switched off)")
-    if not sp.adapters:
-        raise PeftcError("--adapters-as-inputs: the spec declares no adapter")
-    terms = [a for a in sp.adapters.values() if a.delta_scale is not None]
-    if terms:
-        comb = terms[0].extra_config["__combination"][0]
-        raise PeftcError(f"--adapters-as-inputs: combination '{comb}' (type exact) runs as one adapter per term; "
-                         "combine imported LoRA checkpoints into one checkpoint (`peftc combine`) and import that")
-    return dataclasses.replace(sp, active=None)
+    return all_adapters_live(
+        sp, merge, flag="--adapters-as-inputs",
+        merged_why="a switchable adapter must stay live (a merged one is part of the base weights and cannot be "
+                   "switched off)",
+        terms_why="; combine imported LoRA checkpoints into one checkpoint (`peftc combine`) and import that")
 
 
 def check_switchable(plan: Any) -> None:

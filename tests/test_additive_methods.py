@@ -10,42 +10,16 @@ by `save_pretrained`, and compiled by peftc through `import "<dir>"`:
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import peft
 import pytest
 import torch
-from conftest import CHANGED, MODELS, TOL, compile_on, inputs_for, max_diff, peft_adapter, run_logits
-from test_method_files import seqvol, seqvol_inputs
+from _differential import Case, Prepared, _compile, _inputs, _models, _tamper, prepare  # noqa: F401 - re-exported
+from conftest import CHANGED, MODELS, TOL, compile_on, max_diff, peft_adapter, run_logits
 
 import peftc
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    model: str
-    config: Callable[[], object]
-    fresh: str | None = None      # a native spec of the same method (init = "random"), saved and loaded in peft
-
-
-def _models(name: str):
-    return seqvol() if name == "seqvol" else MODELS[name]()
-
-
-def _inputs(name: str) -> dict[str, torch.Tensor]:
-    return seqvol_inputs() if name == "seqvol" else inputs_for(name)
-
-
-def _compile(spec: str, model_name: str, **kw):
-    if model_name == "seqvol":
-        return peftc.compile(spec, seqvol(), example_inputs=seqvol_inputs(batch=2, seed=3), **kw)
-    return compile_on(spec, model_name, **kw)
-
 
 LLAMA_QV = ["q_proj", "v_proj", "down_proj"]
 CASES = [
@@ -162,25 +136,9 @@ CASES = [
 ]
 
 
-@dataclass
-class Prepared:
-    case: Case
-    dir: str
-    inputs: dict
-    base_out: torch.Tensor
-    peft_out: torch.Tensor
-    merged_out: torch.Tensor
-
-
 @pytest.fixture(scope="module", params=CASES, ids=[c.id for c in CASES])
 def prepared(request, tmp_path_factory) -> Prepared:
-    case: Case = request.param
-    tmp = tmp_path_factory.mktemp(case.id)
-    base, pm, d = peft_adapter(case.model, case.config(), tmp, base=_models(case.model))
-    x = _inputs(case.model)
-    base_out, peft_out = run_logits(base, x), run_logits(pm, x)
-    merged_out = run_logits(copy.deepcopy(pm).merge_and_unload(), x)
-    return Prepared(case, str(d), x, base_out, peft_out, merged_out)
+    return prepare(request.param, tmp_path_factory)
 
 
 def test_adapter_changes_the_output(prepared):
@@ -296,19 +254,6 @@ def test_structured_unmerged_forms(method):
     assert EXPECTED_RULES[method] <= fired, fired
     kron_or_scatter = {torch.ops.aten.kron.default}
     assert not [n for n in c.gm.graph.nodes if n.op == "call_function" and n.target in kron_or_scatter]
-
-
-def _tamper(src, dst, edit):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-    shutil.copytree(src, dst)
-    sd = load_file(f"{dst}/adapter_model.safetensors")
-    cfg = json.loads((dst / "adapter_config.json").read_text())
-    sd, cfg = edit(sd, cfg)
-    save_file(sd, f"{dst}/adapter_model.safetensors")
-    (dst / "adapter_config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 BAD = {

@@ -151,20 +151,43 @@ def test_output_matching_rules():
     assert not output_matches(["a"], ["b"])
 
 
+@pytest.fixture(scope="module")
+def doc_env() -> dict[str, str]:
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in ("PEFTC_DEBUG", "CI")}
+    env["PYTHONPATH"] = str(EXAMPLES.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def fork_runner(doc_env):
+    """One server for the walk-throughs' `peftc` and `python` commands (tests/_fork_runner.py): each command runs
+    in a process of its own, forked after torch & co. are imported once."""
+    import os
+
+    from _fork_runner import ForkRunner
+    if not hasattr(os, "fork"):
+        yield None
+        return
+    runner = ForkRunner(doc_env)
+    yield runner
+    runner.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", [README, EXAMPLES.parent / "docs" / "tutorial.md"], ids=["README", "tutorial"])
-def test_readme_console_examples_are_true(doc, tmp_path):
+def test_readme_console_examples_are_true(doc, tmp_path, doc_env, fork_runner):
     """Every `$ peftc ...` (and `$ cat`, `$ ls`, `$ python`) in the console blocks of the README and the tutorial,
     run in order in a scratch folder with examples/: the output must be what the document shows. A `$ cat FILE`
-    of a file that does not exist yet creates it from the document (the typo examples, the tutorial's scripts)."""
-    import os
+    of a file that does not exist yet creates it from the document (the typo examples, the tutorial's scripts).
+    `peftc` and `python SCRIPT` commands run in processes forked from `fork_runner` (the others in a shell)."""
     import shutil
     import subprocess
     import sys
 
+    from _fork_runner import argv_of
+
     shutil.copytree(EXAMPLES, tmp_path / "examples")
-    env = {k: v for k, v in os.environ.items() if k not in ("PEFTC_DEBUG", "CI")}
-    env["PYTHONPATH"] = str(EXAMPLES.parent) + os.pathsep + env.get("PYTHONPATH", "")
     peftc_cmd = f"{sys.executable} -m peftc.cli"
     for steps in console_sessions(doc.read_text()):
         for command, want in steps:
@@ -172,8 +195,14 @@ def test_readme_console_examples_are_true(doc, tmp_path):
             if cmd.startswith("cat ") and not (tmp_path / cmd[4:].strip()).exists():
                 (tmp_path / cmd[4:].strip()).write_text("\n".join(want) + "\n")
                 continue
-            run = re.sub(r"^python ", sys.executable + " ", re.sub(r"^peftc ", peftc_cmd + " ", cmd))
-            r = subprocess.run(run, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-            got = (r.stdout + r.stderr).splitlines()
+            argv = argv_of(cmd) if fork_runner is not None else None
+            if argv is not None:
+                _, out, err = fork_runner.run(argv, tmp_path)
+            else:
+                run = re.sub(r"^python ", sys.executable + " ", re.sub(r"^peftc ", peftc_cmd + " ", cmd))
+                r = subprocess.run(run, shell=True, cwd=tmp_path, env=doc_env, capture_output=True, text=True,
+                                   timeout=600)
+                out, err = r.stdout, r.stderr
+            got = (out + err).splitlines()
             assert output_matches(want, got), f"$ {command}\n--- {doc.name}:\n" + "\n".join(want) + \
                 "\n--- got:\n" + "\n".join(got)

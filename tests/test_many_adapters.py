@@ -78,28 +78,52 @@ def _setup(key: str, tmp: Path) -> Setup:
     return Setup(model, list(makers), configs, dirs, mixed)
 
 
+class _Lazy(dict):
+    """A session's shared objects, each built on first use by `make(key)`: a worker of `pytest -n` builds only
+    those its tests read (the per-row exports are most of this file's time)."""
+
+    def __init__(self, make) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key):
+        self[key] = value = self.make(key)
+        return value
+
+
 @pytest.fixture(scope="session")
 def setups(tmp_path_factory) -> dict[str, Setup]:
-    return {k: _setup(k, tmp_path_factory.mktemp(k)) for k in SETUPS}
+    return _Lazy(lambda k: _setup(k, tmp_path_factory.mktemp(k)))
 
 
 @pytest.fixture(scope="session")
 def peft_models(setups):
-    return {k: s.peft_model() for k, s in setups.items()}
+    return _Lazy(lambda k: setups[k].peft_model())
 
 
 @pytest.fixture(scope="session")
 def per_row(setups, tmp_path_factory):
     """key -> (GraphModule compiled with adapter_ids, .pt2 path, .onnx path)."""
-    out = {}
-    for key in ("llama", "gpt2", "bert-cls", "llama-lora-loha"):
+    def make(key):
         s = setups[key]
         gm = peftc.compile(s.spec(), MODELS[s.model](), adapter_ids=True)
         d = tmp_path_factory.mktemp(f"{key}-ids")
         peftc.save_pt2(gm, d / "m.pt2")
         peftc.export_onnx(gm, d / "m.onnx")
-        out[key] = (gm, d / "m.pt2", d / "m.onnx")
-    return out
+        return gm, d / "m.pt2", d / "m.onnx"
+    return _Lazy(make)
+
+
+@pytest.fixture(scope="session")
+def all_active(setups):
+    """key -> the spec of every adapter (all active) compiled, once per session."""
+    return _Lazy(lambda k: peftc.compile(setups[k].spec(), MODELS[setups[k].model]()))
+
+
+@pytest.fixture(scope="session")
+def per_row_pt2(per_row):
+    """key -> the per-row .pt2 loaded back (torch.export.load), once per session."""
+    return _Lazy(lambda k: torch.export.load(str(per_row[k][1])).module())
 
 
 def _peft_rows(pm, setup: Setup, inputs: dict, ids: list[int]) -> torch.Tensor:
@@ -124,15 +148,15 @@ def _peft_rows(pm, setup: Setup, inputs: dict, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows", sorted(ROWS))
 @pytest.mark.parametrize("key", ["llama", "gpt2", "bert-cls", "llama-lora-loha"])
-def test_per_row_choice_matches_peft(key, rows, setups, peft_models, per_row):
+def test_per_row_choice_matches_peft(key, rows, setups, peft_models, per_row, per_row_pt2):
     s, pm = setups[key], peft_models[key]
-    gm, pt2, onnx = per_row[key]
+    gm, _, onnx = per_row[key]
     inputs = inputs_for(s.model)
     ids = ROWS[rows]
     want = _peft_rows(pm, s, inputs, ids)
     feed = {**inputs, "adapter_ids": torch.tensor(ids)}
     assert max_diff(run_logits(gm, feed), want) <= TOL
-    assert max_diff(run_logits(torch.export.load(str(pt2)).module(), feed), want) <= TOL
+    assert max_diff(run_logits(per_row_pt2[key], feed), want) <= TOL
     assert max_diff(torch.from_numpy(run_onnx(onnx, feed)[0]), want) <= 1e-4
     # each adapter moves its rows (so a graph that ignored adapter_ids could not pass)
     with torch.no_grad(), pm.disable_adapter():
@@ -154,12 +178,12 @@ def test_onnx_batch_is_dynamic(setups, per_row):
 
 
 @pytest.mark.parametrize("bad", [2, -2, 7])
-def test_bad_id_is_an_error_in_torch_and_nan_in_onnx(bad, setups, per_row):
+def test_bad_id_is_an_error_in_torch_and_nan_in_onnx(bad, setups, per_row, per_row_pt2):
     s = setups["llama"]
-    gm, pt2, onnx = per_row["llama"]
+    gm, _, onnx = per_row["llama"]
     inputs = inputs_for(s.model)
     feed = {**inputs, "adapter_ids": torch.tensor([0, bad, -1])}
-    for module in (gm, torch.export.load(str(pt2)).module()):
+    for module in (gm, per_row_pt2["llama"]):
         with pytest.raises(RuntimeError, match="adapter_ids: every id must be -1"):
             run_logits(module, feed)
     out = torch.from_numpy(run_onnx(onnx, feed)[0])
@@ -167,7 +191,7 @@ def test_bad_id_is_an_error_in_torch_and_nan_in_onnx(bad, setups, per_row):
 
 
 @pytest.mark.parametrize("key", ["llama", "gpt2", "bert-cls", "llama-lora-loha"])
-def test_several_active_match_peft(key, setups, peft_models):
+def test_several_active_match_peft(key, setups, peft_models, all_active):
     s, pm = setups[key], peft_models[key]
     inputs = inputs_for(s.model)
     if s.mixed:
@@ -176,7 +200,7 @@ def test_several_active_match_peft(key, setups, peft_models):
         pm.base_model.set_adapter(s.names)
     with torch.no_grad():
         want = pm(**inputs).logits
-    gm = peftc.compile(s.spec(), MODELS[s.model]())
+    gm = all_active[key]
     assert max_diff(run_logits(gm, inputs), want) <= TOL
     for name in s.names:   # both adapters count
         if s.mixed:
@@ -187,13 +211,13 @@ def test_several_active_match_peft(key, setups, peft_models):
             assert max_diff(pm(**inputs).logits, want) > CHANGED
 
 
-def test_several_active_in_pt2_and_onnx(setups, peft_models, tmp_path):
+def test_several_active_in_pt2_and_onnx(setups, peft_models, all_active, tmp_path):
     s, pm = setups["llama-lora-loha"], peft_models["llama-lora-loha"]
     inputs = inputs_for(s.model)
     pm.set_adapter(s.names)
     with torch.no_grad():
         want = pm(**inputs).logits
-    gm = peftc.compile(s.spec(), MODELS[s.model]())
+    gm = all_active["llama-lora-loha"]
     peftc.save_pt2(gm, tmp_path / "m.pt2")
     peftc.export_onnx(gm, tmp_path / "m.onnx")
     assert max_diff(run_logits(torch.export.load(str(tmp_path / "m.pt2")).module(), inputs), want) <= TOL

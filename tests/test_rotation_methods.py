@@ -13,7 +13,6 @@ and the peft quirks, each pinned by a test that fails if peft changes:
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from contextlib import contextmanager
@@ -22,9 +21,9 @@ from dataclasses import dataclass
 import peft
 import pytest
 import torch
+from _differential import Case, Prepared, _compile, _inputs, _models, _tamper, prepare
 from conftest import CHANGED, MODELS, TOL, compile_on, example_inputs_for, logits_of, max_diff, peft_adapter, run_logits
 from peft.tuners.boft import layer as boft_layer
-from test_additive_methods import Case, _compile, _inputs, _models, _tamper
 
 import peftc
 from peftc.library import Library, library
@@ -108,26 +107,11 @@ CASES = [
 ]
 
 
-@dataclass
-class Prepared:
-    case: RotCase
-    dir: str
-    inputs: dict
-    base_out: torch.Tensor
-    peft_out: torch.Tensor
-    merged_out: torch.Tensor
-
-
 @pytest.fixture(scope="module", params=CASES, ids=[c.id for c in CASES])
 def prepared(request, tmp_path_factory) -> Prepared:
     case: RotCase = request.param
-    tmp = tmp_path_factory.mktemp(case.id)
     with butterfly_extension(case.ext):
-        base, pm, d = peft_adapter(case.model, case.config(), tmp, base=_models(case.model))
-        x = _inputs(case.model)
-        base_out, peft_out = run_logits(base, x), run_logits(pm, x)
-        merged_out = run_logits(copy.deepcopy(pm).merge_and_unload(), x)
-    return Prepared(case, str(d), x, base_out, peft_out, merged_out)
+        return prepare(case, tmp_path_factory)
 
 
 def test_adapter_changes_the_output(prepared):

@@ -8,22 +8,19 @@ would, saved by peftc and loaded by peft with identical outputs; ONNX merged and
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import peft
 import pytest
 import torch
+from _differential import Case, Prepared, _compile, _inputs, prepare
+from _differential import _models as _model
 from conftest import (
     CHANGED,
-    MODELS,
     TOL,
     compile_on,
     example_inputs_for,
-    inputs_for,
     max_diff,
     peft_adapter,
     randomize_,
@@ -32,27 +29,6 @@ from conftest import (
 from torch import nn
 
 import peftc
-
-
-def _model(name: str) -> nn.Module:
-    return MODELS[name]()
-
-
-def _inputs(name: str) -> dict[str, torch.Tensor]:
-    return inputs_for(name)
-
-
-def _compile(spec: str, name: str, **kw):
-    return compile_on(spec, name, **kw)
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    model: str
-    config: Callable[[], object]
-    fresh: str | None = None      # the same method written in a spec (its tensors are nudged before saving)
-
 
 CASES = [
     # ---- LN tuning: peft's default norms per model type (RMSNorm: weight only; LayerNorm: weight and bias)
@@ -106,25 +82,9 @@ CASES = [
 ]
 
 
-@dataclass
-class Prepared:
-    case: Case
-    dir: str
-    inputs: dict
-    base_out: torch.Tensor
-    peft_out: torch.Tensor
-    merged_out: torch.Tensor
-
-
 @pytest.fixture(scope="module", params=CASES, ids=[c.id for c in CASES])
 def prepared(request, tmp_path_factory) -> Prepared:
-    case: Case = request.param
-    tmp = tmp_path_factory.mktemp(case.id)
-    base, pm, d = peft_adapter(case.model, case.config(), tmp, base=_model(case.model))
-    x = _inputs(case.model)
-    base_out, peft_out = run_logits(base, x), run_logits(pm, x)
-    merged_out = run_logits(copy.deepcopy(pm).merge_and_unload(), x)
-    return Prepared(case, str(d), x, base_out, peft_out, merged_out)
+    return prepare(request.param, tmp_path_factory)
 
 
 def test_adapter_changes_the_output(prepared):

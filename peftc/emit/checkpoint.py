@@ -68,7 +68,7 @@ def adapter_tensors(rec: AdapterRecord) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for layer, tensors in rec.tensors.items():
         for saved, t in tensors.items():
-            out[f"{PREFIX}{rec.keys.get(layer) or rec.saved_names.get(layer, layer)}.{saved}"] = t.detach()
+            out[f"{PREFIX}{rec.saved_module(layer)}.{saved}"] = t.detach()
             for other in rec.tied.get(layer, []):   # peft saves the tied module's copy too
                 out[f"{PREFIX}{other}.{saved}"] = t.detach().clone()
     for mod, params in rec.modules_to_save.items():

@@ -1,10 +1,9 @@
 """Emit ONNX (torch.onnx.export with dynamo=True, dynamic batch/sequence axes) and check it in onnxruntime
 against the torch graph on a fresh input of another batch size and length. Models over 2 GB use ONNX
-external data. Written atomically: a temp folder, then rename."""
+external data. Written atomically: a temp folder, then rename
+(peftc.emit.export_folder)."""
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,9 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from peftc.atomic import check_file_target, finish_file
+from peftc.atomic import check_file_target
+from peftc.emit.export_folder import TWO_GB as TWO_GB  # its old home: others may import it from here
+from peftc.emit.export_folder import export_errors, export_folder, needs_external_data
 from peftc.emit.fold_for_export import fold_for_export
 from peftc.errors import PeftcError
 from peftc.low_precision import check_runnable_in_onnxruntime, onnx_tol
@@ -23,8 +24,6 @@ from peftc.models import fresh_like
 from peftc.progress import step
 from peftc.quiet import quiet_libraries
 from peftc.trace import dynamic_shapes_for
-
-TWO_GB = 2 * 1024**3
 
 
 @dataclass
@@ -101,23 +100,34 @@ def check_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Ten
     return OnnxCheck(diff, len(want), {k: list(v.shape) for k, v in inputs.items()})
 
 
-def _export(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool,
-            rename: dict[str, str] | None = None) -> Any:
-    """torch.onnx.export with the model's input and output names (inputs renamed by `rename`) and named dynamic
-    axes (torch's own axes if the graph cannot take the named ones)."""
+def export_program(module: Any, gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool, *,
+                   kwargs: dict[str, Any] | None = None, input_names: list[str] | None = None,
+                   extra_shapes: dict[str, Any] | None = None) -> Any:
+    """torch.onnx.export of `module` (called with `kwargs`, default `inputs`) with `gm`'s output names and its
+    named dynamic axes for `inputs` (torch's own axes if the graph cannot take the named ones); `extra_shapes`:
+    the dynamic shapes of the other keyword inputs; `input_names`: the ONNX input names (default: `inputs`')."""
     axes = getattr(gm, "peftc_axes", None)
     for attempt in ([axes, None] if axes is not None else [None]):
+        shapes = dynamic_shapes_for(inputs, attempt)
+        shapes.update(extra_shapes or {})
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
-                return torch.onnx.export(gm, (), kwargs=dict(inputs), dynamo=True, external_data=external,
-                                         verbose=False, dynamic_shapes=dynamic_shapes_for(inputs, attempt),
-                                         input_names=[(rename or {}).get(n, n) for n in inputs],
+                return torch.onnx.export(module, (), kwargs=dict(inputs) if kwargs is None else kwargs,
+                                         dynamo=True, external_data=external, verbose=False, dynamic_shapes=shapes,
+                                         input_names=list(inputs) if input_names is None else input_names,
                                          output_names=output_names(gm))
         except Exception:  # noqa: BLE001
             if attempt is None:
                 raise
     raise AssertionError("unreachable")
+
+
+def _export(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool,
+            rename: dict[str, str] | None = None) -> Any:
+    """torch.onnx.export with the model's input and output names (inputs renamed by `rename`) and named dynamic
+    axes (torch's own axes if the graph cannot take the named ones)."""
+    return export_program(gm, gm, inputs, external, input_names=[(rename or {}).get(n, n) for n in inputs])
 
 
 def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Tensor] | None = None,
@@ -144,38 +154,17 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
     if check:
         check_runnable_in_onnxruntime(gm)
     tol = onnx_tol(gm) if tol is None else tol
-    nbytes = sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))
-    external = nbytes > TWO_GB
+    external = needs_external_data(gm)
     check_file_target(path)
-    was = gm.training
-    gm.eval()
-    try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    except OSError as e:
-        raise PeftcError(f"cannot write {path}: {e.strerror}") from None
-    try:
+    with export_folder(path) as tmpdir:
         tmp = tmpdir / path.name
-        try:
+        with export_errors("ONNX export", gm):
             with step("Exporting to ONNX (torch.onnx, dynamo)"), quiet_libraries():
                 prog = _export(fold_for_export(gm), inputs, external, rename)
             with step("Writing .onnx"), quiet_libraries():
                 prog.save(str(tmp), external_data=external)
-        except PeftcError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise PeftcError(f"ONNX export failed: {type(e).__name__}: {first}") from None
-        finally:
-            gm.train(was)
         result = None
         for feed in (check_inputs or [fresh_like(inputs)]) if check else []:
             done = check_onnx(gm, tmp, feed, tol, rename)
             result = done if result is None or done.max_abs_diff > result.max_abs_diff else result
-        try:
-            for f in tmpdir.iterdir():
-                finish_file(f, path.parent / f.name)
-        except OSError as e:
-            raise PeftcError(f"cannot write {path}: {e.strerror}") from None
-        return result
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    return result

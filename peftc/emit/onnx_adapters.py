@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,15 +29,15 @@ from torch import fx
 from torch.export import Dim
 
 from peftc.atomic import check_file_target, finish_file
+from peftc.emit.export_folder import export_errors, export_folder, first_line, needs_external_data
 from peftc.emit.fold_for_export import fold_for_export
-from peftc.emit.onnx import TWO_GB, flat_outputs, output_names
+from peftc.emit.onnx import export_program, flat_outputs
 from peftc.errors import PeftcError
 from peftc.low_precision import onnx_tol
 from peftc.models import fresh_like
 from peftc.progress import step
 from peftc.quiet import quiet_libraries
 from peftc.switchable import AdapterInput, Lifted, ident, lift
-from peftc.trace import dynamic_shapes_for
 
 ADAPTER_SUFFIX = ".onnx_adapter"
 META_INPUTS = "peftc.adapter_inputs"
@@ -74,23 +71,11 @@ def _onnx_dims(vi: Any) -> list[Any]:
 
 def _export(lifted: Lifted, gm: fx.GraphModule, inputs: dict[str, torch.Tensor], external: bool,
             rename: dict[str, str]) -> Any:
-    kwargs = {**inputs, **{ident(ai.name): ai.value for ai in lifted.inputs}}
-    names = [*(rename.get(n, n) for n in inputs), *(ai.name for ai in lifted.inputs)]
-    axes = getattr(gm, "peftc_axes", None)
-    for attempt in ([axes, None] if axes is not None else [None]):
-        shapes = dynamic_shapes_for(inputs, attempt)
+    return export_program(
+        lifted.module, gm, inputs, external, kwargs={**inputs, **{ident(ai.name): ai.value for ai in lifted.inputs}},
+        input_names=[*(rename.get(n, n) for n in inputs), *(ai.name for ai in lifted.inputs)],
         # the free dims of the adapter tensors (a rank) may vary between adapter files
-        shapes.update({ident(ai.name): {i: Dim.AUTO for i in ai.free} for ai in lifted.inputs})
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
-                return torch.onnx.export(lifted.module, (), kwargs=kwargs, dynamo=True, external_data=external,
-                                         verbose=False, dynamic_shapes=shapes, input_names=names,
-                                         output_names=output_names(gm))
-        except Exception:  # noqa: BLE001
-            if attempt is None:
-                raise
-    raise AssertionError("unreachable")
+        extra_shapes={ident(ai.name): {i: Dim.AUTO for i in ai.free} for ai in lifted.inputs})
 
 
 def adapter_session(path: str | Path) -> Any:
@@ -129,7 +114,7 @@ def run_with_adapters(sess: Any, feeds: dict[str, np.ndarray], files: list[Path]
     try:
         return sess.run(None, feeds, ro)
     except Exception as e:  # noqa: BLE001 - onnxruntime's Fail, InvalidArgument, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         with_files = ", ".join(str(f) for f in files) or "no adapter file"
         raise PeftcError(f"onnxruntime could not run the model with {with_files}: {first}") from None
 
@@ -239,27 +224,13 @@ def export_switchable(gm: fx.GraphModule, path: str | Path, inputs: dict[str, to
     lifted.module.inner = fold_for_export(lifted.module.inner)
     lifted.module.eval()
     choose_defaults(gm, lifted, inputs)
-    nbytes = sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))
-    external = nbytes > TWO_GB
-    was = gm.training
-    gm.eval()
-    try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    except OSError as e:
-        raise PeftcError(f"cannot write {path}: {e.strerror}") from None
-    try:
+    external = needs_external_data(gm)
+    with export_folder(path) as tmpdir:
         tmp = tmpdir / path.name
-        try:
+        with export_errors("ONNX export with adapters as inputs", gm):
             with step("Exporting to ONNX with adapter inputs (torch.onnx, dynamo)"), quiet_libraries():
                 prog = _export(lifted, gm, inputs, external, rename)
                 proto = prog.model_proto
-        except PeftcError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise PeftcError(f"ONNX export with adapters as inputs failed: {type(e).__name__}: {first}") from None
-        finally:
-            gm.train(was)
         by_name = {vi.name: vi for vi in proto.graph.input}
         defaults: dict[str, np.ndarray] = {}
         records = []
@@ -302,15 +273,8 @@ def export_switchable(gm: fx.GraphModule, path: str | Path, inputs: dict[str, to
                 files[name] = f
         checks = check_inputs or [fresh_like(inputs)]
         result = _check(gm, lifted, tmp, files, defaults, checks, rename, tol) if check else None
-        try:
-            for f in tmpdir.iterdir():
-                finish_file(f, path.parent / f.name)
-        except OSError as e:
-            raise PeftcError(f"cannot write {path}: {e.strerror}") from None
-        return SwitchExport(path, {n: path.parent / f.name for n, f in files.items()},
-                            [ai.name for ai in lifted.inputs], result)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    return SwitchExport(path, {n: path.parent / f.name for n, f in files.items()},
+                        [ai.name for ai in lifted.inputs], result)
 
 
 @dataclass
