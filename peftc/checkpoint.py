@@ -171,7 +171,7 @@ def _rules(value: Any, span: Span) -> list[TargetRule]:
 
 
 # config keys whose non-default value peftc cannot honour (value -> default)
-_UNSUPPORTED_LORA = {"alora_invocation_tokens": None, "use_qalora": False, "megatron_config": None,
+_UNSUPPORTED_LORA = {"use_qalora": False, "megatron_config": None,
                      "use_bdlora": None, "arrow_config": None}
 
 
