@@ -58,3 +58,20 @@ def graph_funcs(gm: fx.GraphModule, where: str) -> dict[str, Callable[..., Any]]
         raise PeftcError(f"{where}: the method reads the model input '{name}', but the model has no input of that "
                          f"name (its inputs: {have})")
     return {INPUT: model_input}
+
+
+def program_inputs(prog: Any) -> list[str]:
+    """The model inputs a method instantiated at one layer (a SiteProgram) reads."""
+    return inputs_read([prog.weight, prog.bias, *(e for _, e in prog.lets)])
+
+
+def check_whole_sequence(plan: Any, why: str) -> None:
+    """An error when a live adapter reads a model input (`why`: the mode in which each call sees only part of
+    the sequence, such as generation steps over a key/value cache)."""
+    for lname, sas in plan.sites.items():
+        for sa in sas:
+            read = program_inputs(sa.program) if sa.active and not sa.merge else []
+            if read:
+                raise PeftcError(f"adapter '{sa.adapter}' ({sa.method.name} on '{lname}') computes its update from "
+                                 f"the model input '{read[0]}' over the whole sequence, but {why}; export it "
+                                 "without --with-past")

@@ -194,6 +194,10 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
             true_plan = plan
             skel = skeleton(sp, true_plan, max_adapters, max_rank)
             plan = build_plan(skel.spec, loaded.module, train=train, seed=seed)
+    if with_past:
+        from peftc.model_inputs import check_whole_sequence
+        check_whole_sequence(plan, "with --with-past each step's input_ids are only the new tokens (the key/value "
+                                   "cache holds the rest)")
     selectable = list(sp.adapters) if adapter_ids else None
     if adapters_as_inputs:
         check_switchable(plan)

@@ -108,6 +108,40 @@ def test_matches_peft(alora):
         assert max_diff(got[row, start], plain[row, start]) > CHANGED
 
 
+def test_gpt2_conv1d_matches_peft(tmp_path):
+    """GPT-2's Conv1D layers (stored transposed) take aLoRA as peft's Linear does."""
+    from conftest import gpt2, peft_adapter
+    cfg = lora(target_modules=["c_attn", "c_proj"], task_type="CAUSAL_LM", alora_invocation_tokens=INVOKE,
+               fan_in_fan_out=True)
+    base, pm, d = peft_adapter("gpt2", cfg, tmp_path)
+    randomize_(pm, 2, scale=0.3)
+    pm.save_pretrained(str(d))
+    gm = peftc.compile(f'adapter default: import "{d}"', gpt2())
+    x = {k: v.clamp(max=base.config.vocab_size - 1) for k, v in _batch().items()}
+    want = run_logits(pm, x)
+    assert max_diff(run_logits(gm, x), want) <= TOL
+    assert max_diff(want, run_logits(base, x)) > CHANGED
+
+
+def test_per_row_choice_and_switching():
+    """With --adapter-ids each row runs its adapter (aLoRA's mask still per token); run-time switching works."""
+    two = ('adapter a: lora(r = 4, init = "random", alora_invocation_tokens = [11, 12, 13]) { targets q_proj, '
+           'down_proj }\nadapter b: lora(r = 2, init = "random") { targets q_proj, v_proj }\n')
+    x = _batch()
+    ra, rb = run_logits(peftc.compile(two + "active a\n", llama()), x), run_logits(peftc.compile(two + "active b\n",
+                                                                                              llama()), x)
+    r0 = run_logits(llama(), x)
+    ids = torch.tensor([0, 1, -1, 0, 0, 1, 0])
+    got = run_logits(peftc.compile(two, llama(), adapter_ids=True), {**x, "adapter_ids": ids})
+    want = torch.stack([{0: ra, 1: rb, -1: r0}[int(i)][k] for k, i in enumerate(ids)])
+    assert max_diff(got, want) <= TOL
+    gs = peftc.compile(two, llama(), switchable=True)
+    gs.set_adapter("a")
+    assert max_diff(run_logits(gs, x), ra) <= TOL
+    gs.disable_adapters()
+    assert max_diff(run_logits(gs, x), r0) <= TOL
+
+
 def test_save_roundtrip(alora, tmp_path):
     """peftc save writes the checkpoint peft loads as the same aLoRA (task_type CAUSAL_LM, the same tokens)."""
     from peft import PeftModel
@@ -189,6 +223,22 @@ def test_merge_refused():
     spec = "adapter a: lora(alora_invocation_tokens = [11, 12]) { targets q_proj }"
     with pytest.raises(PeftcError, match="depends on the tokens"):
         peftc.compile(spec, llama(), merge=True)
+
+
+def test_with_past_refused():
+    """A generation-ready export feeds only the new tokens per step: a mask over the whole sequence cannot run."""
+    spec = "adapter a: lora(alora_invocation_tokens = [11, 12]) { targets q_proj }"
+    from peftc.pipeline import compile_model
+    with pytest.raises(PeftcError, match="model input 'input_ids' over the whole sequence.*--with-past"):
+        compile_model(spec, llama(), with_past=True)
+
+
+def test_merge_commands_refused(tmp_path):
+    """`peftc lower` (and `peftc merge`) fold without tracing: refused with the reason."""
+    from peftc.lower import lower_to_lora
+    spec = "adapter a: lora(alora_invocation_tokens = [11, 12]) { targets q_proj }"
+    with pytest.raises(PeftcError, match="depends on the tokens.*`peftc lower`"):
+        lower_to_lora(spec, llama(), rank=2, output=tmp_path / "low")
 
 
 def test_non_linear_layer_refused():
