@@ -71,7 +71,32 @@ def check_whole_sequence(plan: Any, why: str) -> None:
     for lname, sas in plan.sites.items():
         for sa in sas:
             read = program_inputs(sa.program) if sa.active and not sa.merge else []
+            rows = [n for n in read if n in sa.method.row_inputs]
+            if rows:
+                raise PeftcError(f"adapter '{sa.adapter}' ({sa.method.name} on '{lname}') reads the per-row input "
+                                 f"'{rows[0]}', which a --with-past export cannot take (onnxruntime-genai feeds no "
+                                 f"'{rows[0]}'); export it without --with-past")
             if read:
                 raise PeftcError(f"adapter '{sa.adapter}' ({sa.method.name} on '{lname}') computes its update from "
                                  f"the model input '{read[0]}' over the whole sequence, but {why}; export it "
                                  "without --with-past")
+
+
+def row_inputs_needed(plan: Any, have: Iterable[str]) -> list[str]:
+    """The per-row inputs (a method's `row_input`) that live adapters read and the model does not take: the
+    compiled graph takes them as extra inputs (int64, [batch])."""
+    have = set(have)
+    out: dict[str, None] = {}
+    for sas in plan.sites.values():
+        for sa in sas:
+            if sa.active and not sa.merge:
+                out.update(dict.fromkeys(n for n in program_inputs(sa.program)
+                                         if n not in have and n in sa.method.row_inputs))
+    return list(out)
+
+
+def with_row_inputs(inputs: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The example inputs plus each per-row input (zeros: row i takes the first entry, e.g. task 0)."""
+    import torch
+    batch = next((t.shape[0] for t in inputs.values() if t.dim() >= 1), 1)
+    return {**inputs, **{n: torch.zeros(batch, dtype=torch.int64) for n in names}}

@@ -617,3 +617,24 @@ for _op in [Op("match_at", match_at), Op("from_last", from_last), Op("per_token"
     TENSOR_OPS[_op.name] = _op
     TARGET_TO_OP[_op.target] = _op
 SCALAR_FUNCS["is_list"] = lambda v: isinstance(v, (list, tuple))
+
+
+# ---------------------------------------------------------------- per-row updates (factors mixed per row of the batch)
+def row_update(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Marks an update whose row-of-the-batch i is (a[i] @ b[i]) transposed, a: [batch, in, r], b: [batch, r, out]
+    (factors mixed per row from a model input). It has no value as one weight; the rule `row_low_rank` turns
+    linear(x, row_update(A, B)) into row_matmul(row_matmul(x, A), B)."""
+    raise RuntimeError("row_update(A, B) has no value as a weight: a per-row update must be factored (rule "
+                       "row_low_rank); this layer's op could not be")
+
+
+def row_matmul(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Each row of the batch times its own matrix: x [batch, ..., n] @ v [batch, n, m] -> [batch, ..., m]."""
+    if x.dim() == 2:   # [batch, n]: one token per row
+        return torch.bmm(x.unsqueeze(1), v).squeeze(1)
+    return torch.matmul(x, v.unsqueeze(1) if x.dim() == 4 else v)
+
+
+for _op in [Op("row_update", row_update), Op("row_matmul", row_matmul), Op("sigmoid", torch.ops.aten.sigmoid.default)]:
+    TENSOR_OPS[_op.name] = _op
+    TARGET_TO_OP[_op.target] = _op

@@ -199,6 +199,10 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         check_whole_sequence(plan, "with --with-past each step's input_ids are only the new tokens (the key/value "
                                    "cache holds the rest)")
     selectable = list(sp.adapters) if adapter_ids else None
+    from peftc.model_inputs import row_inputs_needed, with_row_inputs
+    row_extra = tuple(row_inputs_needed(plan, loaded.inputs))   # per-row inputs a method reads (task ids, say)
+    if row_extra:
+        loaded.inputs = with_row_inputs(loaded.inputs, list(row_extra))
     if adapters_as_inputs:
         check_switchable(plan)
         free = free_dims(plan)
@@ -210,7 +214,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
         loaded.inputs = with_adapter_ids(loaded.inputs, len(selectable))
     live = {lname: [sa.adapter for sa in sas if sa.active and not sa.merge] for lname, sas in plan.sites.items()}
     with step("Tracing (torch.export)"):
-        gm = trace(loaded.module, loaded.inputs, extra=(IDS,) if adapter_ids else ())
+        gm = trace(loaded.module, loaded.inputs, extra=((IDS,) if adapter_ids else ()) + row_extra)
     manifest = Manifest(base_model_name_or_path=base_model_name(loaded))
     rule_log: list[str] = []
     rule_hits: Counter = Counter()

@@ -90,6 +90,9 @@ class MethodDef:
     # `config { ... } if COND`: config entries written on save when COND holds for the adapter's options (they
     # take no part in recognising the method of a checkpoint)
     config_if: tuple[tuple[dict[str, Any], Expr], ...] = ()
+    # `row_input "task_ids"`: a per-row int64 [batch] input that `input("task_ids")` reads; the compiled graph takes
+    # it as one more input when the model has none of that name
+    row_inputs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -287,6 +290,7 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
         bias_only, tied, defaults, omits, companions = None, False, {}, (), []
         unmergeable: list[tuple[Expr, str | None]] = []
         config_if: list[tuple[dict[str, Any], Expr]] = []
+        row_inputs: tuple[str, ...] = ()
         for h in ch[i:-1]:
             if h is None:
                 continue
@@ -304,6 +308,8 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
                 unmergeable.append((cond, why))
                 mergeable = cond if mergeable is None else Call("and", (mergeable, cond), line=cond.line,
                                                                   column=cond.column)
+            elif h.data == "row_inputs":
+                row_inputs = tuple(_string(c) for c in h.children)
             elif h.data == "config_if":
                 entries = {_string(e.children[0]): _const(to_expr(e.children[1]), file)
                            for e in h.children[:-1] if e is not None}
@@ -331,7 +337,7 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
                         defaults[_string(e.children[0])] = (v,) if isinstance(v, str) else tuple(v)
         methods.append(MethodDef(name, options, peft_type, fixed, kinds, _stmts(ch[-1], file), mergeable, file,
                                  note, fields, dense, training_if, bias_only, tied, defaults, omits,
-                                 tuple(companions), tuple(unmergeable), tuple(config_if)))
+                                 tuple(companions), tuple(unmergeable), tuple(config_if), row_inputs))
     return methods, rules
 
 
