@@ -241,6 +241,23 @@ def test_merge_commands_refused(tmp_path):
         lower_to_lora(spec, llama(), rank=2, output=tmp_path / "low")
 
 
+def test_lora_bias_refused():
+    spec = "adapter a: lora(lora_bias = true, alora_invocation_tokens = [11, 12]) { targets q_proj }"
+    with pytest.raises(PeftcError, match="lora_bias with aLoRA"):
+        peftc.compile(spec, llama())
+
+
+def test_dora_checkpoint_with_invocation_tokens_refused(alora, tmp_path):
+    """A checkpoint whose method (DoRA here) has no aLoRA option is refused, not imported as a plain DoRA."""
+    _, _, _, d = alora
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (tmp_path / "dora").mkdir()
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    (tmp_path / "dora" / "adapter_model.safetensors").write_bytes((d / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(PeftcError, match="alora_invocation_tokens = \\[11, 12, 13\\] together with dora"):
+        peftc.compile(f'adapter default: import "{tmp_path / "dora"}"', llama())
+
+
 def test_non_linear_layer_refused():
     spec = "adapter a: lora(alora_invocation_tokens = [11, 12]) { targets embed_tokens }"
     with pytest.raises(PeftcError, match="linear layers only"):
