@@ -80,3 +80,16 @@ def test_merge_refused():
 def test_bad_splits():
     with pytest.raises(PeftcError, match="n_splits must divide"):
         peftc.compile("adapter p: poly(r = 2, n_splits = 3) { targets q_proj }", llama())
+
+
+def test_fresh_spec_saves_what_peft_loads(tmp_path):
+    """A spec's Poly (random B) saved by peftc: peft's PolyModel (called with task_ids) computes the same."""
+    from peft import PeftModel
+    gm = peftc.compile("adapter p: poly(r = 2, n_tasks = 3, n_skills = 2, n_splits = 2, init = false) "
+                       "{ targets q_proj, up_proj }", llama())
+    peftc.save_adapter(gm, tmp_path / "p")
+    pm = PeftModel.from_pretrained(llama(), str(tmp_path / "p")).eval()
+    with torch.no_grad():
+        want = pm.base_model(**_x()).logits
+    assert max_diff(run_logits(gm, _x()), want) <= TOL
+    assert max_diff(want, run_logits(llama(), {k: v for k, v in _x().items() if k != "task_ids"})) > CHANGED
