@@ -142,6 +142,20 @@ def test_per_row_choice_and_switching():
     assert max_diff(run_logits(gs, x), r0) <= TOL
 
 
+def test_run_time_load_needs_the_compiled_tokens(tmp_path):
+    """A slot compiled for one invocation sequence takes a checkpoint with the same tokens, and refuses one with
+    other tokens (or a plain LoRA): the mask is computed in the graph from the compiled tokens."""
+    spec = 'adapter a: lora(r = 4, init = "random", alora_invocation_tokens = [11, 12, 13]) { targets q_proj }'
+    gm = peftc.compile(spec, llama(), max_adapters=2)
+    plain = spec.replace(", alora_invocation_tokens = [11, 12, 13]", "")
+    for i, other in enumerate([spec.replace("[11, 12, 13]", "[11, 12]"), plain]):
+        peftc.save_adapter(peftc.compile(other, llama()), tmp_path / str(i))
+        with pytest.raises(PeftcError, match="alora_invocation_tokens = .*, compiled \\(11, 12, 13\\)"):
+            gm.load_adapter(tmp_path / str(i), "x")
+    peftc.save_adapter(peftc.compile(spec, llama(), seed=3), tmp_path / "same")
+    gm.load_adapter(tmp_path / "same", "x")
+
+
 def test_save_roundtrip(alora, tmp_path):
     """peftc save writes the checkpoint peft loads as the same aLoRA (task_type CAUSAL_LM, the same tokens)."""
     from peft import PeftModel
