@@ -93,3 +93,16 @@ def test_fresh_spec_saves_what_peft_loads(tmp_path):
         want = pm.base_model(**_x()).logits
     assert max_diff(run_logits(gm, _x()), want) <= TOL
     assert max_diff(want, run_logits(llama(), {k: v for k, v in _x().items() if k != "task_ids"})) > CHANGED
+
+
+def test_with_adapter_ids():
+    """Two extra inputs at once: `adapter_ids` picks each row's adapter, `task_ids` the Poly row's task."""
+    two = ('adapter p: poly(r = 4, n_tasks = 3, n_skills = 2, init = false) { targets q_proj, down_proj }\n'
+           'adapter b: lora(r = 2, init = "random") { targets q_proj, v_proj }\n')
+    x = _x()
+    plain = {k: v for k, v in x.items() if k != "task_ids"}
+    rows = {0: run_logits(peftc.compile(two + "active p\n", llama()), x),
+            1: run_logits(peftc.compile(two + "active b\n", llama()), plain), -1: run_logits(llama(), plain)}
+    ids = torch.tensor([0, 1, -1, 0])
+    got = run_logits(peftc.compile(two, llama(), adapter_ids=True), {**x, "adapter_ids": ids})
+    assert max_diff(got, torch.stack([rows[int(i)][k] for k, i in enumerate(ids)])) <= TOL
