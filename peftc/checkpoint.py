@@ -171,8 +171,10 @@ def _rules(value: Any, span: Span) -> list[TargetRule]:
 
 
 # config keys whose non-default value peftc cannot honour (value -> default)
-_UNSUPPORTED_LORA = {"alora_invocation_tokens": None, "use_qalora": False, "megatron_config": None,
+_UNSUPPORTED_LORA = {"use_qalora": False, "megatron_config": None,
                      "use_bdlora": None, "arrow_config": None}
+# config keys of LoRA variants that some method files declare as options (an import into another method refuses them)
+_LORA_VARIANT_KEYS = {"alora_invocation_tokens": None}
 
 
 def adapter_from_config(name: str, directory: str | Path, config: dict[str, Any], method: MethodDef,
@@ -186,6 +188,11 @@ def adapter_from_config(name: str, directory: str | Path, config: dict[str, Any]
             v = config.get(key, default)
             if v not in (default, [], {}, False):
                 raise PeftcError(f"{cfg_file}: {key} = {v!r} is not supported by peftc yet")
+        declared = {d.config_key for d in method.options.values()}
+        for key, default in _LORA_VARIANT_KEYS.items():   # honoured only where the method declares the option
+            v = config.get(key, default)
+            if v not in (default, [], {}, False) and key not in declared:
+                raise PeftcError(f"{cfg_file}: {key} = {v!r} together with {method.name} is not supported by peftc")
     if config.get("bias", "none") not in ("none", None) and not method.bias_only:
         raise PeftcError(f"{cfg_file}: bias = {config['bias']!r} is not supported for {method.name} (only \"none\"; "
                          "a method takes other values once its file declares `bias_option`)")

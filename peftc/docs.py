@@ -151,6 +151,9 @@ def render_method(m: MethodDef) -> list[str]:
     facts = [("PEFT type", f"`{m.peft_type}`" if m.peft_type else "none (peftc only)")]
     if m.fixed_config:
         facts.append(("fixed PEFT config", ", ".join(f"`{k}: {spec_repr(v)}`" for k, v in m.fixed_config.items())))
+    for entries, cond in m.config_if:
+        facts.append((f"PEFT config when `{show(cond)}`",
+                      ", ".join(f"`{k}: {spec_repr(v)}`" for k, v in entries.items())))
     facts.append(("layer kinds", ", ".join(m.kinds) or "none"))
     facts.append(("mergeable", "always" if m.mergeable is None else f"when `{show(m.mergeable)}`"))
     if m.bias_only:

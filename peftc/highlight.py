@@ -14,7 +14,7 @@ METHOD_KEYWORDS = ("method", "rule", "prio", "param", "shared", "let", "const", 
                    "else", "require", "dropout", "record", "peft", "config", "mergeable", "writes", "training",
                    "dense", "init", "saved", "if", "frozen", "dtype", "optional", "each_layer", "over", "rescale",
                    "as", "pattern", "values", "where", "and", "or", "not", "search", "omits", "bias_option",
-                   "companion", "from", "tied", "follow", "default_targets", "of")
+                   "companion", "from", "tied", "follow", "default_targets", "of", "row_input")
 TYPES = ("int", "float", "bool", "str", "number", "list")
 CONSTANTS = ("true", "false", "none")
 

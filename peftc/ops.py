@@ -574,3 +574,67 @@ for _op in [Op("row_override", row_override), Op("col_override", col_override)]:
     TENSOR_OPS[_op.name] = _op
     TARGET_TO_OP[_op.target] = _op
 SCALAR_FUNCS["distinct"] = lambda seq: len(set(seq)) == len(seq)
+
+
+# ---------------------------------------------------------------- per-token updates (a mask read from a model input)
+def match_at(seq: torch.Tensor, tokens: Any) -> torch.Tensor:
+    """[batch, seq] bool: True at position t of a row when the row's values t, t+1, ... equal `tokens` (a list of
+    integers; a match must fit inside the row). Built from shifted comparisons (pad, slice, eq), so it exports."""
+    toks = [int(v) for v in tokens]
+    hit = torch.ones_like(seq, dtype=torch.bool)
+    for k, tok in enumerate(toks):   # row[t + k] == tok, with -1 (never a token id) past the end
+        shifted = torch.nn.functional.pad(seq, (0, k), value=-1)[..., k:] if k else seq
+        hit = hit & (shifted == tok)
+    return hit
+
+
+def from_last(hit: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] bool: True from each row's last True of `hit` onward (the whole row False when it has none)."""
+    pos = torch.cumsum(torch.ones_like(hit, dtype=torch.int64), dim=-1) - 1
+    last = torch.amax(torch.where(hit, pos, -1), dim=-1, keepdim=True)
+    return (pos >= last) & (last >= 0)
+
+
+def per_token(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Marks an update that applies only at the tokens where `mask` ([batch, seq]) is True. It has no value as a
+    weight (it depends on the tokens); the rule `token_mask` turns linear(x, per_token(D, m)) into
+    mask_tokens(linear(x, D), m). A layer no rule factors this way is an error (peftc.token_masks)."""
+    raise RuntimeError("per_token(D, mask) has no value as a weight: an update that depends on the tokens must be "
+                       "factored (rule token_mask); this layer's op could not be")
+
+
+def mask_tokens(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """y (a layer's output, [batch, seq, ..., out] or flattened [batch * seq, out]) zeroed at the tokens where
+    `mask` ([batch, seq]) is False."""
+    m = mask.to(y.dtype)
+    if y.dim() == m.dim() + 1:
+        return y * m.unsqueeze(-1)
+    return y * m.reshape(-1, 1)
+
+
+for _op in [Op("match_at", match_at), Op("from_last", from_last), Op("per_token", per_token),
+            Op("mask_tokens", mask_tokens)]:
+    TENSOR_OPS[_op.name] = _op
+    TARGET_TO_OP[_op.target] = _op
+SCALAR_FUNCS["is_list"] = lambda v: isinstance(v, (list, tuple))
+
+
+# ---------------------------------------------------------------- per-row updates (factors mixed per row of the batch)
+def row_update(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Marks an update whose row-of-the-batch i is (a[i] @ b[i]) transposed, a: [batch, in, r], b: [batch, r, out]
+    (factors mixed per row from a model input). It has no value as one weight; the rule `row_low_rank` turns
+    linear(x, row_update(A, B)) into row_matmul(row_matmul(x, A), B)."""
+    raise RuntimeError("row_update(A, B) has no value as a weight: a per-row update must be factored (rule "
+                       "row_low_rank); this layer's op could not be")
+
+
+def row_matmul(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Each row of the batch times its own matrix: x [batch, ..., n] @ v [batch, n, m] -> [batch, ..., m]."""
+    if x.dim() == 2:   # [batch, n]: one token per row
+        return torch.bmm(x.unsqueeze(1), v).squeeze(1)
+    return torch.matmul(x, v.unsqueeze(1) if x.dim() == 4 else v)
+
+
+for _op in [Op("row_update", row_update), Op("row_matmul", row_matmul), Op("sigmoid", torch.ops.aten.sigmoid.default)]:
+    TENSOR_OPS[_op.name] = _op
+    TARGET_TO_OP[_op.target] = _op

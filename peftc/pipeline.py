@@ -291,8 +291,16 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
     planned = plan_for(sp, loaded, merge=merge, train=train, seed=seed, switchable=switchable,
                        max_adapters=max_adapters, max_rank=max_rank)
     plan = planned.plan
+    if with_past:
+        from peftc.model_inputs import check_whole_sequence
+        check_whole_sequence(plan, "with --with-past each step's input_ids are only the new tokens (the key/value "
+                                   "cache holds the rest)")
     # the adapters adapter_ids indexes: the spec's, then a switchable compile's spare slots
     selectable = list((planned.skel.spec if planned.skel is not None else sp).adapters) if adapter_ids else None
+    from peftc.model_inputs import row_inputs_needed, with_row_inputs
+    row_extra = tuple(row_inputs_needed(plan, loaded.inputs))   # per-row inputs a method reads (task ids, say)
+    if row_extra:
+        loaded.inputs = with_row_inputs(loaded.inputs, list(row_extra))
     free = None
     if adapters_as_inputs:
         check_switchable(plan)
@@ -304,7 +312,7 @@ def compile_model(spec: str | Path | Spec, model: str | nn.Module, *, merge: boo
                              "a per-row choice of those is not supported yet")
         loaded.inputs = with_adapter_ids(loaded.inputs, len(selectable))
     with step("Tracing (torch.export)"):
-        gm = trace(loaded.module, loaded.inputs, extra=(IDS,) if adapter_ids else ())
+        gm = trace(loaded.module, loaded.inputs, extra=((IDS,) if adapter_ids else ()) + row_extra)
     manifest = Manifest(base_model_name_or_path=base_model_name(loaded))
     rule_log: list[str] = []
     rule_hits: Counter = Counter()

@@ -466,8 +466,9 @@ def _instantiate_layer(ad: AdapterSpec, method: MethodDef, options: dict[str, An
             raise _err(f"combination '{comb}' (type exact) sums the deltas of additive adapters, but {method.name} "
                        f"on '{lname}' {e}", span, spec) from None
     if merge and not prog.mergeable:
+        why = f": {prog.unmergeable_why}" if prog.unmergeable_why else ""
         raise _err(f"adapter '{name}' cannot be merged into '{lname}' ({method.name} with these options "
-                   "is not mergeable here); drop `merge` / --merge", ad.span, spec)
+                   f"is not mergeable here{why}); drop `merge` / --merge", ad.span, spec)
     return prog, lopts
 
 

@@ -35,6 +35,7 @@ from peftc.emit.checkpoint import adapter_tensors
 from peftc.errors import PeftcError, PeftcWarning
 from peftc.manifest import Manifest, records_from_plan
 from peftc.merged_weight import fold_layer
+from peftc.model_inputs import program_inputs
 from peftc.plan import Plan, SiteAdapter, build_plan, resolve_adapter
 from peftc.rewrite.gate_adapters import gate_path
 from peftc.rewrite.graph_tools import get_path
@@ -344,6 +345,16 @@ class Runtime:
                 # the compiled program at the same options on tensors of the same shapes: the same update
                 params[lname], ratios[lname] = padded, 1.0
                 continue
+            read = program_inputs(cur.program) or program_inputs(sa.program)
+            if read:   # an update computed from a model input (a token mask): only the compiled options fit
+                diff = sorted(k for k in {*sa.layer_options, *cur.layer_options}
+                              if sa.layer_options.get(k) != cur.layer_options.get(k))
+                shown = ", ".join(f"{k} = {sa.layer_options.get(k)!r}, compiled {cur.layer_options.get(k)!r}"
+                                  for k in diff)
+                what = f"its options differ from the compiled ones ({shown})" if diff else \
+                    "its tensors' shapes differ from the compiled ones"
+                raise _Misfit(f"on layer '{lname}' {what}, and the update is computed from the model input "
+                              f"'{read[0]}'")
             layer = self.plan.layers[lname]
             # Layers of the same kind and shapes at the same options run the same program on other values: the
             # update is a polynomial in the tensors, so the check on one of them (random trained values) holds for

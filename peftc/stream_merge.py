@@ -189,7 +189,8 @@ def check_mergeable(plan: Plan, spec: Spec, command: str = "peftc merge") -> Non
             if sa.active and not sa.program.mergeable:
                 raise _err(
                     f"adapter '{sa.adapter}' cannot be merged into '{lname}' ({sa.method.name} with these options is "
-                    f"not mergeable there): `{command}` folds every active adapter into the weights without tracing, "
+                    f"not mergeable there{': ' + sa.program.unmergeable_why if sa.program.unmergeable_why else ''}): "
+                    f"`{command}` folds every active adapter into the weights without tracing, "
                     "so it refuses this one; it needs to run unmerged in a traced graph (`peftc compile` / `peftc "
                     "export` without --merge), or leave it out of `active`", plan.adapters[sa.adapter].spec.span, spec)
 

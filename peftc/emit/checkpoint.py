@@ -42,6 +42,12 @@ def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str
         if decl.pattern_key:
             cfg[decl.pattern_key] = {pattern_key_for(l): rec.layer_options[l][decl.name] for l in layers
                                      if rec.layer_options.get(l, {}).get(decl.name, value) != value}
+    if method.config_if:   # `config { ... } if COND`: entries that the adapter's options call for
+        from peftc.lang.evaluate import evaluate
+        env = {**{d.name: d.default for d in method.options.values()}, **rec.options}
+        for entries, cond in method.config_if:
+            if evaluate(cond, env):
+                cfg.update(entries)
     for key, entries in rec.records.items():   # per-layer entries a method records (AdaLoRA's rank_pattern)
         cfg[key] = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(entries.items())}
     kinds = layer_kinds or {}
@@ -58,7 +64,7 @@ def adapter_config(rec: AdapterRecord, manifest: Manifest, layer_kinds: dict[str
     if "modules_to_save" not in method.config_omits:
         cfg["modules_to_save"] = sorted(rec.modules_to_save) or None
     cfg["inference_mode"] = True
-    cfg["task_type"] = rec.extra_config.get("task_type")
+    cfg["task_type"] = rec.extra_config.get("task_type", cfg.get("task_type"))   # an import's, else the method's
     cfg["base_model_name_or_path"] = rec.extra_config.get("base_model_name_or_path", manifest.base_model_name_or_path)
     cfg["revision"] = rec.extra_config.get("revision")
     return cfg

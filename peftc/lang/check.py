@@ -31,7 +31,8 @@ from peftc.rewrite.guards import GUARD_NAMES, guards
 # names every method body sees besides its options and the layer's dimensions
 TENSOR_NAMES = ("W", "W0", "b")
 # evaluated specially by peftc.lang.evaluate: (min, max) arguments
-SPECIAL_FORMS: dict[str, tuple[int, int | None]] = {"cond": (3, 3), "and": (2, 2), "or": (2, 2), "tuple": (1, None)}
+SPECIAL_FORMS: dict[str, tuple[int, int | None]] = {"cond": (3, 3), "and": (2, 2), "or": (2, 2), "tuple": (1, None),
+                                                     "input": (1, 1)}   # a model input (peftc.model_inputs)
 # statement kind -> index of the argument holding the name it binds, or None if it binds nothing
 # (default: the first argument, when it is a plain name, a tuple of names, or a dataclass with a `name`)
 BINDS: dict[str, int | None] = {"record": None}
@@ -269,6 +270,8 @@ def check_method(m: MethodDef) -> None:
                     c.expr(_exprs_of(a), funcs, names, line, kw_ok=set(INITS))
         if m.mergeable is not None:
             c.expr(m.mergeable, funcs, names, m.mergeable.line)
+        for _entries, cond in m.config_if:
+            c.expr(cond, funcs, set(m.options), cond.line)
 
 
 # ---------------------------------------------------------------- rules

@@ -85,6 +85,14 @@ class MethodDef:
     # (method, option, key prefix): the method also runs on the layers this option names (a list: the input
     # embeddings; a dict: layer -> list), its list option taking the value, its tensors saved under <layer>.<prefix>.
     companions: tuple[tuple[str, str, str], ...] = ()
+    # `mergeable COND else "why"` headers (all must hold; `mergeable` above is their conjunction)
+    unmergeable: tuple[tuple[Expr, str | None], ...] = ()
+    # `config { ... } if COND`: config entries written on save when COND holds for the adapter's options (they
+    # take no part in recognising the method of a checkpoint)
+    config_if: tuple[tuple[dict[str, Any], Expr], ...] = ()
+    # `row_input "task_ids"`: a per-row int64 [batch] input that `input("task_ids")` reads; the compiled graph takes
+    # it as one more input when the model has none of that name
+    row_inputs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -131,6 +139,7 @@ class SiteProgram:
     weight_dropouts: list[tuple[float, str, str, bool]] = field(default_factory=list)  # (p, stem, over, rescale)
     shared: list[str] = field(default_factory=list)               # adapter-level tensors this layer reads
     tensor_dropouts: list[tuple[float, str, str, str]] = field(default_factory=list)  # (p, stem, over, let name)
+    unmergeable_why: str | None = None   # the `else` of the first `mergeable` header that does not hold
 
 
 # ---------------------------------------------------------------- parsing
@@ -279,6 +288,9 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
         peft_type, fixed, kinds, mergeable, note, fields, dense = None, {}, [], None, None, (), None
         training_if = None
         bias_only, tied, defaults, omits, companions = None, False, {}, (), []
+        unmergeable: list[tuple[Expr, str | None]] = []
+        config_if: list[tuple[dict[str, Any], Expr]] = []
+        row_inputs: tuple[str, ...] = ()
         for h in ch[i:-1]:
             if h is None:
                 continue
@@ -291,7 +303,17 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
             elif h.data == "layer_kinds":
                 kinds = [str(c) for c in h.children]
             elif h.data == "mergeable":
-                mergeable = to_expr(h.children[0])
+                cond = to_expr(h.children[0])
+                why = _string(h.children[1]) if len(h.children) > 1 and h.children[1] is not None else None
+                unmergeable.append((cond, why))
+                mergeable = cond if mergeable is None else Call("and", (mergeable, cond), line=cond.line,
+                                                                  column=cond.column)
+            elif h.data == "row_inputs":
+                row_inputs = tuple(_string(c) for c in h.children)
+            elif h.data == "config_if":
+                entries = {_string(e.children[0]): _const(to_expr(e.children[1]), file)
+                           for e in h.children[:-1] if e is not None}
+                config_if.append((entries, to_expr(h.children[-1])))
             elif h.data == "training_note":
                 note = _string(h.children[0])
                 training_if = to_expr(h.children[1]) if len(h.children) > 1 and h.children[1] is not None else None
@@ -315,7 +337,7 @@ def parse_library_file(text: str, file: str) -> tuple[list[MethodDef], list[Tree
                         defaults[_string(e.children[0])] = (v,) if isinstance(v, str) else tuple(v)
         methods.append(MethodDef(name, options, peft_type, fixed, kinds, _stmts(ch[-1], file), mergeable, file,
                                  note, fields, dense, training_if, bias_only, tied, defaults, omits,
-                                 tuple(companions)))
+                                 tuple(companions), tuple(unmergeable), tuple(config_if), row_inputs))
     return methods, rules
 
 
@@ -380,7 +402,8 @@ _TENSOR_NAMES = {"W", "W0", "b"}
 def _let_value(expr: Expr, env: dict[str, Any], deferred: set[str]) -> Any:
     """Evaluate a `let` now if it needs no tensors; raise NeedsTensors if it does; EvalError if it is wrong."""
     from peftc.lang.evaluate import evaluate
-    if names_in(expr) & (deferred | _TENSOR_NAMES):
+    from peftc.model_inputs import graph_only
+    if names_in(expr) & (deferred | _TENSOR_NAMES) or graph_only(expr):
         raise NeedsTensors
     return evaluate(expr, env)
 
@@ -493,6 +516,8 @@ def instantiate(method: MethodDef, kind: str, options: dict[str, Any], dims: dic
     walk(method.body)
     if method.mergeable is not None:
         prog.mergeable = bool(evaluate(method.mergeable, env))
+        if not prog.mergeable:
+            prog.unmergeable_why = next((why for cond, why in method.unmergeable if not evaluate(cond, env)), None)
     return prog
 
 

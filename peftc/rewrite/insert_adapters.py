@@ -18,6 +18,7 @@ from peftc.errors import PeftcError
 from peftc.lang.evaluate import evaluate
 from peftc.layer_kinds import KINDS
 from peftc.manifest import Manifest, adapter_record, add_layer
+from peftc.model_inputs import graph_funcs
 from peftc.ops import TENSOR_OPS
 from peftc.plan import Plan
 from peftc.rewrite.graph_tools import ADAPTER, BASE, TAG, GraphBuilder, get_path, has_path, normalized_args, set_path
@@ -223,6 +224,7 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
     # are active (and when it merges them), so merging never changes what the model computes.
     w_base = w_cur
     for sa in sas:
+        funcs = graph_funcs(gm, f"adapter '{sa.adapter}' on layer '{layer.name}'")   # input("input_ids")
         b.adapters = (sa.adapter,)   # provenance of every node built for this adapter
         prog = sa.program
         env: dict[str, Any] = dict(prog.env)
@@ -237,12 +239,12 @@ def _rewrite_layer(gm: fx.GraphModule, layer: Any, sas: list, paths: dict, train
         dropped = {of: stem for _, stem, _, of in prog.tensor_dropouts} if train and not sa.merge else {}
         for name, expr in prog.lets:
             if name not in prog.env:   # lets over tensors; the others were computed when the method was instantiated
-                env[name] = evaluate(expr, env, b)
+                env[name] = evaluate(expr, env, b, funcs)
                 if name in dropped:    # a training-only dropout over this tensor's blocks
                     env[name] = b.apply(TENSOR_OPS["dropout"], None,
                                         [env[name], f"{layer.name}.{dropped[name]}.{sa.adapter}"])
-        w_new = evaluate(prog.weight, env, b) if prog.weight is not None else w_cur
-        b_new = evaluate(prog.bias, env, b) if prog.bias is not None else b_cur
+        w_new = evaluate(prog.weight, env, b, funcs) if prog.weight is not None else w_cur
+        b_new = evaluate(prog.bias, env, b, funcs) if prog.bias is not None else b_cur
         if train and (prog.dropout or prog.weight_dropouts) and not sa.merge and w_new is not w_cur:
             delta = b.apply(TENSOR_OPS["sub"], aten.sub.Tensor, [w_new, w_cur])
             for _, stem, _, _ in prog.weight_dropouts:   # rank / module dropout on the update itself
