@@ -50,7 +50,9 @@ class ForkRunner:
         self.proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "out": str(out), "err": str(err),
                                           "timeout": timeout}) + "\n")
         self.proc.stdin.flush()
-        answer = json.loads(self.proc.stdout.readline())
+        line = self.proc.stdout.readline()
+        assert line, f"the fork server died (exit status {self.proc.poll()}) running {argv}"
+        answer = json.loads(line)
         try:
             return answer["rc"], out.read_text(), err.read_text()
         finally:
