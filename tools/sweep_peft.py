@@ -163,6 +163,7 @@ class Combo:
     save: bool = True               # peftc save round trip
     prepare: Callable | None = None  # custom peft-side preparation: (base, tmpdir) -> (peft model, {name: dir})
     note: str = ""
+    mixed: bool = True              # several adapters: a PeftMixedModel (False: a PeftModel, one method)
 
 
 def lora(**kw) -> LoraConfig:
@@ -190,6 +191,18 @@ def _converted(init: str, targets: list[str]):
         ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp / "adapter")).eval()
         return ref, {"default": tmp / "adapter"}
     return prepare
+
+
+def _pruned_adalora(base: nn.Module, tmp: Path):
+    """An AdaLoRA checkpoint as training's rank allocator leaves it: rank_pattern masks, pruned tensors."""
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                                     target_modules=["q_proj", "v_proj"])).eval()
+    randomize_(pm, 1)
+    pm.peft_config["default"].rank_pattern = {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True, False],
+                                              "model.layers.1.self_attn.v_proj.lora_E": [False, False, True, False]}
+    pm.save_pretrained(str(tmp / "adapter"))
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp / "adapter")).eval()
+    return ref, {"default": tmp / "adapter"}
 
 
 QV = ["q_proj", "v_proj"]
@@ -372,6 +385,59 @@ COMBOS: list[Combo] = [
         "a": lora(r=2, target_modules=["conv_d", "conv_s"]),
         "b": peft.LoHaConfig(r=2, alpha=4, target_modules=["conv_d", "conv_r"], use_effective_conv2d=True,
                              init_weights=False)}),
+    # ---- GPT-2's Conv1D with the methods the tests pair only with nn.Linear
+    Combo("gpt2-oft-conv1d", "gpt2", lambda: peft.OFTConfig(oft_block_size=8, target_modules=["c_attn", "c_fc"])),
+    Combo("gpt2-boft-conv1d", "gpt2", lambda: peft.BOFTConfig(boft_block_size=8, target_modules=["c_attn"])),
+    Combo("gpt2-hra-conv1d", "gpt2", lambda: peft.HRAConfig(r=4, target_modules=["c_attn"], init_weights=False)),
+    Combo("gpt2-loha-conv1d", "gpt2", lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["c_attn", "c_fc"])),
+    Combo("gpt2-lokr-conv1d", "gpt2", lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=["c_attn", "c_fc"])),
+    Combo("gpt2-miss-conv1d", "gpt2", lambda: peft.MissConfig(r=8, target_modules=["c_attn", "c_fc"])),
+    Combo("gpt2-delora-conv1d", "gpt2", lambda: peft.DeloraConfig(r=4, target_modules=["c_attn"])),
+    Combo("gpt2-c3a-conv1d", "gpt2", lambda: peft.C3AConfig(block_size=16, target_modules=["c_attn"])),
+    Combo("gpt2-road-conv1d", "gpt2", lambda: peft.RoadConfig(group_size=16, target_modules=["c_attn"],
+                                                              init_weights=False)),
+    Combo("gpt2-osf-conv1d", "gpt2", lambda: peft.OSFConfig(target_modules=["c_attn"], effective_rank=8)),
+    Combo("gpt2-shira-conv1d", "gpt2", lambda: peft.ShiraConfig(r=2, target_modules=["c_attn", "c_fc"])),
+    Combo("gpt2-ia3-all-linear", "gpt2", lambda: ia3(target_modules="all-linear", feedforward_modules=["c_proj"])),
+    Combo("gpt2-trainable-tokens-tied", "gpt2", lambda: peft.TrainableTokensConfig(
+        target_modules=["wte"], token_indices=[1, 2, 300]), merged_ref="unmerged"),
+    Combo("gpt2-lora-layers-to-transform", "gpt2", lambda: lora(target_modules=["c_attn", "c_proj"],
+                                                                 layers_to_transform=[1], fan_in_fan_out=True)),
+    Combo("bert-lora-layers-to-transform", "bert", lambda: lora(target_modules=["query", "dense"],
+                                                                 layers_to_transform=[0])),
+    Combo("mistral-lora-modules_to_save-embed", "mistral", lambda: lora(target_modules=QV,
+                                                                        modules_to_save=["embed_tokens"])),
+    Combo("llama-adalora-pruned", "llama", None, prepare=_pruned_adalora),
+    # ---- one method, several adapters active at once (a PeftModel)
+    Combo("llama-two-ia3", "llama", lambda: {
+        "a": ia3(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "b": ia3(target_modules=["q_proj", "v_proj"], feedforward_modules=[])}, mixed=False),
+    Combo("llama-two-vera", "llama", lambda: {
+        "a": peft.VeraConfig(r=8, target_modules=QV), "b": peft.VeraConfig(r=8, target_modules=["q_proj"])},
+          mixed=False),
+    Combo("llama-two-dora", "llama", lambda: {
+        "a": lora(target_modules=QV, use_dora=True), "b": lora(target_modules=["q_proj"], use_dora=True)},
+          mixed=False),
+    Combo("llama-two-oft", "llama", lambda: {
+        "a": peft.OFTConfig(oft_block_size=8, target_modules=QV),
+        "b": peft.OFTConfig(oft_block_size=16, target_modules=["q_proj"])}, mixed=False),
+    Combo("gpt2-two-fourierft", "gpt2", lambda: {
+        "a": peft.FourierFTConfig(n_frequency=20, target_modules=["c_attn"], fan_in_fan_out=True),
+        "b": peft.FourierFTConfig(n_frequency=30, random_loc_seed=3, target_modules=["c_attn", "c_fc"],
+                                  fan_in_fan_out=True)}, mixed=False),
+    Combo("llama-two-trainable-tokens", "llama", lambda: {
+        "a": peft.TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[3, 5]),
+        "b": peft.TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=[5, 9])}, mixed=False),
+    Combo("llama-two-shira", "llama", lambda: {
+        "a": peft.ShiraConfig(r=2, target_modules=QV), "b": peft.ShiraConfig(r=2, target_modules=["q_proj"],
+                                                                             random_seed=7)}, mixed=False),
+    Combo("llama-two-road", "llama", lambda: {
+        "a": peft.RoadConfig(group_size=16, target_modules=QV, init_weights=False),
+        "b": peft.RoadConfig(group_size=16, variant="road_2", target_modules=["q_proj"], init_weights=False)},
+          mixed=False),
+    Combo("llama-two-miss", "llama", lambda: {
+        "a": peft.MissConfig(r=8, target_modules=QV), "b": peft.MissConfig(r=4, target_modules=["q_proj"])},
+          mixed=False),
     # ---- several adapters at once
     Combo("mistral-mixed-lora-loha", "mistral", lambda: {
         "a": lora(target_modules=QV), "b": peft.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "o_proj"])},
@@ -413,10 +479,16 @@ def _peft_side(c: Combo, base: nn.Module, tmp: Path):
             pm.save_pretrained(str(tmp / n))
             dirs[n] = tmp / n
         names = list(dirs)
-        pm = peft.PeftMixedModel.from_pretrained(copy.deepcopy(base), str(dirs[names[0]]), adapter_name=names[0])
+        if c.mixed:
+            pm = peft.PeftMixedModel.from_pretrained(copy.deepcopy(base), str(dirs[names[0]]), adapter_name=names[0])
+        else:   # one method, several adapters: a PeftModel with all of them active
+            pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(dirs[names[0]]), adapter_name=names[0])
         for n in names[1:]:
             pm.load_adapter(str(dirs[n]), adapter_name=n)
-        pm.set_adapter(names)
+        if c.mixed:
+            pm.set_adapter(names)
+        else:
+            pm.base_model.set_adapter(names)
         pm.eval()
         _peft_conv1d_compat(pm)
         return pm, dirs
@@ -445,14 +517,15 @@ def save_like_cli(spec: str, model: nn.Module, out: Path) -> None:
     save_plan(build_plan(sp, with_replication(sp, model)), out)
 
 
-def load_in_peft(model: str, out: Path, names: list[str]) -> nn.Module:
+def load_in_peft(model: str, out: Path, names: list[str], mixed: bool) -> nn.Module:
     if len(names) == 1:
         m = peft.PeftModel.from_pretrained(build(model), str(out))
     else:
-        m = peft.PeftMixedModel.from_pretrained(build(model), str(out / names[0]), adapter_name=names[0])
+        cls = peft.PeftMixedModel if mixed else peft.PeftModel
+        m = cls.from_pretrained(build(model), str(out / names[0]), adapter_name=names[0])
         for n in names[1:]:
             m.load_adapter(str(out / n), adapter_name=n)
-        m.set_adapter(names)
+        (m if mixed else m.base_model).set_adapter(names)
     m.eval()
     _peft_conv1d_compat(m)
     return m
@@ -525,7 +598,7 @@ def run_combo(c: Combo, tmp: Path) -> Result:
         if c.save:
             out_dir = tmp / "resaved"
             save_like_cli(spec, build(c.model), out_dir)
-            back = load_in_peft(c.model, out_dir, list(dirs))
+            back = load_in_peft(c.model, out_dir, list(dirs), c.mixed)
             check("save", run(back if peft_ok else _merged(back), x), peft_out)
         if c.onnx:
             chk = peftc.export_onnx(gm, tmp / "m.onnx", ex)
