@@ -9,6 +9,8 @@ in fp32, with max abs diff <= 1e-5 relative to the output's scale:
 * merged: peftc (merge=True) == peft's `merge_and_unload()` (or peft's unmerged forward, where peft's merge changes
   the function, e.g. an embedding tied to the head);
 * save: `peftc save` writes the checkpoint again (planned, not traced), peft loads it, same outputs;
+* merge-dir (Hugging Face models): `peftc merge` writes the merged model folder shard by shard, transformers loads
+  it, same outputs as peft's `merge_and_unload()`;
 * onnx (a subset): `peftc.export_onnx`, which checks onnxruntime against torch itself.
 
 Each combination ends as one of: pass, diff (a wrong number), noise (off by more than 1e-5 but within 3x peft's own
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import tempfile
 import time
@@ -48,6 +51,7 @@ from torch import nn  # noqa: E402
 import peftc  # noqa: E402
 
 torch.set_num_threads(2)
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 TOL = 1e-5
 CHANGED = 1e-4
 
@@ -600,6 +604,13 @@ def run_combo(c: Combo, tmp: Path) -> Result:
             save_like_cli(spec, build(c.model), out_dir)
             back = load_in_peft(c.model, out_dir, list(dirs), c.mixed)
             check("save", run(back if peft_ok else _merged(back), x), peft_out)
+        if c.model not in CUSTOM:
+            # `peftc merge`: the model folder with the adapters merged shard by shard, without tracing
+            base_dir, out_dir = tmp / "base", tmp / "merged_dir"
+            build(c.model).save_pretrained(str(base_dir))
+            peftc.merge_model(spec, base_dir, out_dir)
+            mm = type(build(c.model)).from_pretrained(str(out_dir)).eval()
+            check("merge-dir", run(mm, x), merged_out)
         if c.onnx:
             chk = peftc.export_onnx(gm, tmp / "m.onnx", ex)
             r.detail.append(f"onnx {getattr(chk, 'max_abs_diff', chk)}")
