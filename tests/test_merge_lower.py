@@ -160,8 +160,9 @@ MERGE_GPT2_CASES = {
 
 
 @pytest.mark.parametrize("case", list(MERGE_GPT2_CASES))
-def test_merge_gpt2_trained_biases_and_tied_tokens(tmp_path, case):
-    """`peftc merge` gives peft's outputs where the adapter trains more than its layers: biases, tied token rows."""
+def test_merge_gpt2_trained_biases_and_tied_tokens(tmp_path, capsys, case):
+    """`peftc merge` and `peftc lower` give peft's outputs where the adapter trains more than its layers: biases,
+    tied token rows (which lowering refuses: the head reads them too)."""
     import transformers as T
     base = gpt2()
     base.save_pretrained(tmp_path / "model")
@@ -174,6 +175,16 @@ def test_merge_gpt2_trained_biases_and_tied_tokens(tmp_path, case):
     x = inputs_for("gpt2")
     want = peftc_logits(pm, x)
     assert max_diff(peftc_logits(merged, x), want) <= TOL and max_diff(peftc_logits(base, x), want) > CHANGED
+    # lowered: the trained biases go with the LoRA (same `bias` option); tied token rows cannot be a LoRA
+    code = main(["-q", "lower", str(tmp_path / "s.peft"), str(tmp_path / "model"), "--rank", "8",
+                 "-o", str(tmp_path / "low")])
+    if case.startswith("bias"):
+        assert code == 0
+        assert json.loads((tmp_path / "low" / "adapter_config.json").read_text())["bias"] == case[5:]
+        lowered = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "low").eval()
+        assert max_diff(peftc_logits(lowered, x), want) <= TOL
+    else:
+        assert code == 1 and "lm_head shares its weight and reads the adapted rows too" in capsys.readouterr().err
 
 
 def _corrupt_missing_shard(model: Path) -> str:
