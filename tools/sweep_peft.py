@@ -11,6 +11,8 @@ in fp32, with max abs diff <= 1e-5 relative to the output's scale:
 * save: `peftc save` writes the checkpoint again (planned, not traced), peft loads it, same outputs;
 * merge-dir (Hugging Face models): `peftc merge` writes the merged model folder shard by shard, transformers loads
   it, same outputs as peft's `merge_and_unload()`;
+* lower: `peftc lower` at full rank (exact), peft loads the LoRA, same outputs as the merge (a clear refusal, e.g.
+  of norm layers, is noted, not failed);
 * onnx (a subset): `peftc.export_onnx`, which checks onnxruntime against torch itself.
 
 Each combination ends as one of: pass, diff (a wrong number), noise (off by more than 1e-5 but within 3x peft's own
@@ -168,6 +170,7 @@ class Combo:
     prepare: Callable | None = None  # custom peft-side preparation: (base, tmpdir) -> (peft model, {name: dir})
     note: str = ""
     mixed: bool = True              # several adapters: a PeftMixedModel (False: a PeftModel, one method)
+    lower: bool = True              # `peftc lower` round trip
 
 
 def lora(**kw) -> LoraConfig:
@@ -608,9 +611,27 @@ def run_combo(c: Combo, tmp: Path) -> Result:
             # `peftc merge`: the model folder with the adapters merged shard by shard, without tracing
             base_dir, out_dir = tmp / "base", tmp / "merged_dir"
             build(c.model).save_pretrained(str(base_dir))
-            peftc.merge_model(spec, base_dir, out_dir)
-            mm = type(build(c.model)).from_pretrained(str(out_dir)).eval()
-            check("merge-dir", run(mm, x), merged_out)
+            try:
+                peftc.merge_model(spec, base_dir, out_dir)
+            except peftc.PeftcError as e:
+                r.detail.append(f"merge-dir refused: {str(e).splitlines()[0][:160]}")
+            else:
+                mm = type(build(c.model)).from_pretrained(str(out_dir)).eval()
+                check("merge-dir", run(mm, x), merged_out)
+        if c.lower:
+            # `peftc lower` at full rank (capped per layer: exact), loaded in peft; a clear refusal is only noted
+            try:
+                peftc.lower_to_lora(spec, build(c.model), rank=1 << 20, output=tmp / "lowered", example_inputs=ex)
+            except peftc.PeftcError as e:
+                r.detail.append(f"lower refused: {str(e).splitlines()[0][:120]}")
+            else:
+                low = peft.PeftModel.from_pretrained(build(c.model), str(tmp / "lowered")).eval()
+                _peft_conv1d_compat(low)
+                try:
+                    out_low = run(low, x)
+                except Exception:  # noqa: BLE001 - peft's LoRA forward crashes on a dilated Conv2d: use its merge
+                    out_low = run(_merged(low), x)
+                check("lower", out_low, merged_out)
         if c.onnx:
             chk = peftc.export_onnx(gm, tmp / "m.onnx", ex)
             r.detail.append(f"onnx {getattr(chk, 'max_abs_diff', chk)}")
@@ -637,7 +658,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX exports")
     args = ap.parse_args(argv)
     import warnings
+
+    import transformers
     warnings.filterwarnings("ignore")
+    transformers.utils.logging.disable_progress_bar()
     combos = [c for c in COMBOS if (c.quick or not args.quick) and any(k in c.id for k in args.k.split(","))]
     if args.no_onnx:
         for c in combos:
