@@ -171,6 +171,7 @@ class Combo:
     note: str = ""
     mixed: bool = True              # several adapters: a PeftMixedModel (False: a PeftModel, one method)
     lower: bool = True              # `peftc lower` round trip
+    scale: float = 0.05             # noise on every trainable tensor (larger where products of small factors vanish)
 
 
 def lora(**kw) -> LoraConfig:
@@ -288,7 +289,7 @@ COMBOS: list[Combo] = [
     Combo("whisper-loha-conv1d", "whisper", lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["conv1", "q_proj"])),
     Combo("vit-loha-patch-effective", "vit", lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["projection"],
                                                                      use_effective_conv2d=True, init_weights=False),
-          quick=True),
+          quick=True, scale=0.5),
     Combo("vit-lokr-patch-effective", "vit", lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=["projection"],
                                                                      use_effective_conv2d=True, init_weights=False)),
     Combo("mistral-lokr-rank-dropout", "mistral", lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=QV,
@@ -376,7 +377,7 @@ COMBOS: list[Combo] = [
                                               feedforward_modules=["down_proj"])),
     Combo("falcon-vera", "falcon", lambda: peft.VeraConfig(r=4, target_modules=["query_key_value", "dense_4h_to_h"])),
     Combo("bert-boft", "bert", lambda: peft.BOFTConfig(boft_block_size=4,
-                                                       target_modules=["query", "intermediate.dense"])),
+                                                       target_modules=["query", "intermediate.dense"]), scale=0.5),
     Combo("t5-oft", "t5", lambda: peft.OFTConfig(oft_block_size=16, target_modules=["q", "wo"])),
     Combo("gpt_neox-hra-gs", "gpt_neox", lambda: peft.HRAConfig(r=4, apply_GS=True, init_weights=False,
                                                                 target_modules=["query_key_value", "dense"])),
@@ -403,7 +404,7 @@ COMBOS: list[Combo] = [
     Combo("gpt2-c3a-conv1d", "gpt2", lambda: peft.C3AConfig(block_size=16, target_modules=["c_attn"])),
     Combo("gpt2-road-conv1d", "gpt2", lambda: peft.RoadConfig(group_size=16, target_modules=["c_attn"],
                                                               init_weights=False)),
-    Combo("gpt2-osf-conv1d", "gpt2", lambda: peft.OSFConfig(target_modules=["c_attn"], effective_rank=8)),
+    Combo("gpt2-osf-conv1d", "gpt2", lambda: peft.OSFConfig(target_modules=["c_attn"], effective_rank=8), scale=0.5),
     Combo("gpt2-shira-conv1d", "gpt2", lambda: peft.ShiraConfig(r=2, target_modules=["c_attn", "c_fc"])),
     Combo("gpt2-ia3-all-linear", "gpt2", lambda: ia3(target_modules="all-linear", feedforward_modules=["c_proj"])),
     Combo("gpt2-trainable-tokens-tied", "gpt2", lambda: peft.TrainableTokensConfig(
@@ -482,7 +483,7 @@ def _peft_side(c: Combo, base: nn.Module, tmp: Path):
         dirs = {}
         for i, (n, one) in enumerate(cfg.items()):
             pm = peft.get_peft_model(copy.deepcopy(base), one).eval()
-            randomize_(pm, 1 + i)
+            randomize_(pm, 1 + i, scale=c.scale)
             pm.save_pretrained(str(tmp / n))
             dirs[n] = tmp / n
         names = list(dirs)
@@ -501,7 +502,7 @@ def _peft_side(c: Combo, base: nn.Module, tmp: Path):
         return pm, dirs
     pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
     _peft_conv1d_compat(pm)
-    randomize_(pm, 1)
+    randomize_(pm, 1, scale=c.scale)
     pm.save_pretrained(str(tmp / "adapter"))
     return pm, {"default": tmp / "adapter"}
 
