@@ -112,18 +112,24 @@ def _feature_specs(config: Any, batch: int, seq: int) -> list:
     return specs
 
 
-def fresh_like(inputs: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
+def fresh_like(inputs: dict[str, torch.Tensor], seed: int = 1,
+               axes: dict[str, dict[int, str]] | None = None) -> dict[str, torch.Tensor]:
     """New inputs with a different batch and sequence length (checks dynamic axes), same names and dtypes,
-    and integer values in the range the example used (token ids stay inside a custom model's vocabulary)."""
+    and integer values in the range the example used (token ids stay inside a custom model's vocabulary).
+    `axes` (a trace's dynamic axes, input -> {axis: name}): grow only those (a Conv1d input's channels stay)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, t in inputs.items():
         shape = list(t.shape)
-        if shape:
-            shape[0] = shape[0] + 1
-        # the (decoder_)sequence axis; not a speech input's features (Whisper checks their length)
-        if len(shape) >= 2 and (not t.dtype.is_floating_point or t.dim() == 3) and name != "input_features":
-            shape[1] = shape[1] + 3
+        if axes is not None:
+            for i in axes.get(name, {}):
+                shape[i] += 1 if i == 0 else 3
+        else:
+            if shape:
+                shape[0] = shape[0] + 1
+            # the (decoder_)sequence axis; not a speech input's features (Whisper checks their length)
+            if len(shape) >= 2 and (not t.dtype.is_floating_point or t.dim() == 3) and name != "input_features":
+                shape[1] = shape[1] + 3
         if t.dtype.is_floating_point:
             out[name] = torch.randn(shape, generator=g).to(t.dtype)
         elif t.dtype == torch.bool or "mask" in name:

@@ -84,6 +84,26 @@ def test_speech_model_gets_its_features():
     assert out.shape == (3, 11, 64)
 
 
+def _seqvol_dora():
+    from test_method_files import seqvol, seqvol_inputs
+    return peftc.compile('adapter a: dora(r = 2, init = "random") { targets seq, vol }', seqvol(),
+                         example_inputs=seqvol_inputs(batch=2, seed=3))
+
+
+def test_conv1d_channels_are_not_a_dynamic_axis():
+    """A (batch, channels, length) input of an nn.Conv1d: the trace specializes the channels (a SymInt that is a
+    constant); they are no `sequence` axis, and the onnxruntime check's fresh input keeps them."""
+    gm = _seqvol_dora()
+    assert gm.peftc_axes.names == {"s": {0: "batch"}, "v": {0: "batch"}}
+    fresh = fresh_like(gm.peftc_inputs, axes=gm.peftc_axes.names)
+    assert fresh["s"].shape == (3, 4, 10) and fresh["v"].shape == (3, 2, 4, 6, 4)
+
+
+@pytest.mark.slow
+def test_onnx_of_a_conv1d_conv3d_model(tmp_path):
+    assert peftc.export_onnx(_seqvol_dora(), tmp_path / "m.onnx").max_abs_diff <= 1e-4
+
+
 @pytest.mark.slow
 def test_onnx_of_a_custom_token_model(tmp_path):
     gm = peftc.compile('adapter a: dora(r = 2, init = "random") { targets emb, lin0 }', MODELS["token-mlp"](),

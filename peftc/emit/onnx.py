@@ -168,7 +168,8 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
         finally:
             gm.train(was)
         result = None
-        for feed in (check_inputs or [fresh_like(inputs)]) if check else []:
+        axes = getattr(getattr(gm, "peftc_axes", None), "names", None)
+        for feed in (check_inputs or [fresh_like(inputs, axes=axes)]) if check else []:
             done = check_onnx(gm, tmp, feed, tol, rename)
             result = done if result is None or done.max_abs_diff > result.max_abs_diff else result
         try:
