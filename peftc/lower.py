@@ -139,8 +139,10 @@ def lower_plan(plan: Plan, model: nn.Module | None, rank: int | None, max_error:
             continue
         layer = plan.layers[lname]
         if plan.followers.get(lname):
-            raise PeftcError(f"layer '{lname}': {', '.join(plan.followers[lname])} shares its weight and reads the "
-                             f"adapted rows too ({act[0].method.name}), which a LoRA on '{lname}' cannot express; "
+            tied = plan.followers[lname]
+            raise PeftcError(f"layer '{lname}': {', '.join(tied)} {'shares' if len(tied) == 1 else 'share'} its "
+                             f"weight and reads the adapted rows too ({act[0].method.name}), which a LoRA on "
+                             f"'{lname}' cannot express; "
                              "merge it instead (`peftc merge`, or --merge)")
         if layer.kind not in LOWERABLE:
             raise PeftcError(f"layer '{lname}' ({layer.module_type}): lowering to LoRA supports "
