@@ -6,7 +6,9 @@ B = U_r √S_r and A = √S_r V_rᵀ with alpha = r (scale 1). The rank is fixed
 smaller dimension) or, with `--rank auto --max-error E`, the smallest one whose relative Frobenius error
 ‖Δ - B A‖ / ‖Δ‖ is at most E; ranks and alphas that differ from the most common one go into `rank_pattern` /
 `alpha_pattern`. The error reported for each layer is measured on the factors as saved (fp32), not
-predicted from the singular values. A changed bias becomes LoRA's `lora_B.bias` (`lora_bias = true`).
+predicted from the singular values. A changed bias becomes LoRA's `lora_B.bias` (`lora_bias = true`); biases
+an adapter trains (peft's `bias = "all"` / `"<method>_only"`) are carried over with the same `bias` option.
+Trainable tokens on a table tied to the head (the head reads the new rows too) cannot be a LoRA: an error.
 
 Orientation per layer kind, as peft's LoRA layers keep them: Linear `Δ = B A` (A: [r, in], B: [out, r]);
 GPT-2 Conv1D stores the transpose (fan_in_fan_out); Embedding `Δ = (B A)ᵀ` with A: [r, num_embeddings],
@@ -126,12 +128,22 @@ def lower_plan(plan: Plan, model: nn.Module | None, rank: int | None, max_error:
         def read(fqn: str) -> torch.Tensor:
             return params[fqn].detach()
     shared = {name: ap.shared for name, ap in plan.adapters.items()}
+    # bias = "all" / "<method>_only": the trained biases are the lowered LoRA's too (its `bias` option), and the
+    # adapters' own change of a bias is measured from them
+    trained = {fqn: (ap.options.get("bias", "none"), t) for ap in plan.adapters.values() if ap.active
+               for fqn, (_, t) in ap.biases.items()}
     out: list[LoweredLayer] = []
     for lname, sas in plan.sites.items():
         act = [sa for sa in sas if sa.active]
         if not act:
             continue
         layer = plan.layers[lname]
+        if plan.followers.get(lname):
+            tied = plan.followers[lname]
+            raise PeftcError(f"layer '{lname}': {', '.join(tied)} {'shares' if len(tied) == 1 else 'share'} its "
+                             f"weight and reads the adapted rows too ({act[0].method.name}), which a LoRA on "
+                             f"'{lname}' cannot express; "
+                             "merge it instead (`peftc merge`, or --merge)")
         if layer.kind not in LOWERABLE:
             raise PeftcError(f"layer '{lname}' ({layer.module_type}): lowering to LoRA supports "
                              f"{', '.join(LOWERABLE)} layers, not {layer.kind}")
@@ -139,6 +151,7 @@ def lower_plan(plan: Plan, model: nn.Module | None, rank: int | None, max_error:
             raise PeftcError(f"layer '{lname}': a grouped convolution cannot be lowered to LoRA")
         weight = read(layer.weight)
         bias = read(layer.bias) if layer.bias else None
+        bias = trained[layer.bias][1] if layer.bias in trained else bias
         if model is None:
             act = [realize_site(sa, layer.kind, weight, bias, shared.get(sa.adapter, {}),
                                 loaded=plan.adapters[sa.adapter].source != "fresh") for sa in act]
@@ -155,7 +168,17 @@ def lower_plan(plan: Plan, model: nn.Module | None, rank: int | None, max_error:
     ranks = Counter(l.rank for l in out)
     r0 = ranks.most_common(1)[0][0]
     options = {"r": r0, "alpha": float(r0), "dropout": 0.0, "rslora": False, "lora_bias": lora_bias, "init": "default"}
+    if trained:
+        from peftc.checkpoint import PREFIX
+        from peftc.sites import peft_param_key
+        modes = {mode for mode, _ in trained.values()}
+        options["bias"] = "all" if "all" in modes or len(modes) > 1 else "lora_only"
+        names = [l.name for l in out]
+        if options["bias"] == "lora_only" and any(f.rsplit(".", 1)[0] not in names for f in trained):
+            options["bias"] = "all"
     rec = AdapterRecord("default", "lora", options, {}, {})
+    for fqn, (_, t) in trained.items():
+        rec.extra_tensors[PREFIX + peft_param_key(fqn, [l.name for l in out], plan.layers)] = t
     for l in out:
         rec.layer_options[l.name] = {**options, "r": l.rank, "alpha": float(l.rank)}
         tensors = dict(l.tensors)

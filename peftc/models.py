@@ -4,7 +4,7 @@ MODEL is one of: a built-in name (`tiny-llama`, ...), a local Hugging Face model
 and safetensors weights, sharded or not), or a custom model `path/to/file.py:callable` /
 `package.module:callable` returning an nn.Module (the current directory is importable). Example inputs
 come from `--example-input NAME=SHAPE[:DTYPE]`, an `example_inputs()` function beside the callable, or
-the model type (text: input_ids + attention_mask; vision: pixel_values).
+the model type (text: input_ids + attention_mask; vision: pixel_values; speech: input_features).
 """
 from __future__ import annotations
 
@@ -88,23 +88,48 @@ def default_input_specs(module: nn.Module, config: Any, batch: int = 2, seq: int
         return [("pixel_values", (batch, getattr(config, "num_channels", 3), size, size), torch.float32)]
     if main == "input_values":
         return [("input_values", (batch, 16000), torch.float32)]
+    if main == "input_features":
+        return _feature_specs(config, batch, seq)
     specs = [("input_ids", (batch, seq), torch.int64), ("attention_mask", (batch, seq), torch.int64)]
     if getattr(config, "is_encoder_decoder", False):
         specs.append(("decoder_input_ids", (batch, max(seq // 2, 2)), torch.int64))
     return specs
 
 
-def fresh_like(inputs: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
+def _feature_specs(config: Any, batch: int, seq: int) -> list:
+    """Speech encoders reading log-mel features: Whisper-style (batch, mel bins, 2 * max_source_positions frames:
+    the encoder checks that length), else (batch, frames, features per frame) as Speech2Text reads them."""
+    mels = getattr(config, "num_mel_bins", None)
+    if isinstance(mels, int):
+        frames = 2 * getattr(config, "max_source_positions", 1500)
+        specs = [("input_features", (batch, mels, frames), torch.float32)]
+    else:
+        per = getattr(config, "input_feat_per_channel", 80) * getattr(config, "input_channels", 1)
+        specs = [("input_features", (batch, seq * 4, per), torch.float32),
+                 ("attention_mask", (batch, seq * 4), torch.int64)]
+    if getattr(config, "is_encoder_decoder", False):
+        specs.append(("decoder_input_ids", (batch, max(seq // 2, 2)), torch.int64))
+    return specs
+
+
+def fresh_like(inputs: dict[str, torch.Tensor], seed: int = 1,
+               axes: dict[str, dict[int, str]] | None = None) -> dict[str, torch.Tensor]:
     """New inputs with a different batch and sequence length (checks dynamic axes), same names and dtypes,
-    and integer values in the range the example used (token ids stay inside a custom model's vocabulary)."""
+    and integer values in the range the example used (token ids stay inside a custom model's vocabulary).
+    `axes` (a trace's dynamic axes, input -> {axis: name}): grow only those (a Conv1d input's channels stay)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, t in inputs.items():
         shape = list(t.shape)
-        if shape:
-            shape[0] = shape[0] + 1
-        if len(shape) >= 2 and (not t.dtype.is_floating_point or t.dim() == 3):
-            shape[1] = shape[1] + 3
+        if axes is not None:
+            for i in axes.get(name, {}):
+                shape[i] += 1 if i == 0 else 3
+        else:
+            if shape:
+                shape[0] = shape[0] + 1
+            # the (decoder_)sequence axis; not a speech input's features (Whisper checks their length)
+            if len(shape) >= 2 and (not t.dtype.is_floating_point or t.dim() == 3) and name != "input_features":
+                shape[1] = shape[1] + 3
         if t.dtype.is_floating_point:
             out[name] = torch.randn(shape, generator=g).to(t.dtype)
         elif t.dtype == torch.bool or "mask" in name:

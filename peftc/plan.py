@@ -101,6 +101,8 @@ class Plan:
     train: bool = False
     base_overrides: dict[str, torch.Tensor] = field(default_factory=dict)  # base param FQN -> value to use
     warnings: list[str] = field(default_factory=list)    # allowed but probably not meant (also warnings.warn)
+    # layer -> the modules tied to its weight that read the adapted weight (a `tied follow` method's layers)
+    followers: dict[str, list[str]] = field(default_factory=dict)
 
     def trainable_count(self) -> int:
         n = 0
@@ -517,6 +519,8 @@ def _companion_sites(plan: Plan, ad: AdapterSpec, method: MethodDef, options: di
             tensors, consts = make_tensors(prog.steps, env, pdtype, gen, load)
             plan.sites.setdefault(lname, []).append(
                 SiteAdapter(ad.name, comp, prog, tensors, copts, merge, active, consts))
+            if comp.tied_follow and (tied := tied_modules(model, layer)):
+                plan.followers[lname] = tied
 
 
 def parameter_saved_names(params: dict[str, Layer]) -> dict[str, str]:
@@ -675,6 +679,7 @@ def build_plan(spec: Spec, model: nn.Module, *, merge_all: bool = False, train: 
                          replicate=replicated if "layer_replication" in method.config_fields else None)
         if method.tied_follow:
             ap.tied = {l: t for l in matched if (t := tied_modules(model, layers[l]))}
+            plan.followers.update(ap.tied)
         heads = [n for n in module_names if ckpt is not None and ckpt.has_unused_under(f"{PREFIX}{n}.")
                  and any(n.endswith(h) for h in ad.extra_config.get("__heads", [])
                          if h not in mts_names)]

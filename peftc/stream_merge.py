@@ -10,8 +10,10 @@ layer's fold needs.
 
 Merging never changes the function: a targeted weight tied to another module (an embedding tied to the
 output head) is untied, each name getting its own tensor in the shard of the original, and the copied
-config says `tie_word_embeddings: false`. The output is written into a temporary folder beside OUT_DIR and
-renamed at the end, so an interrupted run leaves no half-written OUT_DIR.
+config says `tie_word_embeddings: false`; where the method makes tied modules follow the adapted weight
+(peft's trainable tokens on a table tied to the head), the group stays tied and its stored copy is merged.
+Trained biases (peft's `bias = "all"` / `"<method>_only"`) replace the model's. The output is written into
+a temporary folder beside OUT_DIR and renamed at the end, so an interrupted run leaves no half-written OUT_DIR.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from peftc.models import model_class
 from peftc.plan import Plan, _err, build_plan
 from peftc.progress import step
 from peftc.safetensors_stream import DTYPES, Header, ShardWriter, read_header, read_tensor
+from peftc.sites import tied_modules
 from peftc.spec.model import Spec
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -245,14 +248,32 @@ def merge_checkpoint(spec: Spec, model_dir: str | Path, out_dir: str | Path, *, 
             for mod, params in ap.modules_to_save.items():
                 replace.update({f"{mod}.{p}": t for p, t in params.items()})
     replace.update({f: t for f, t in plan.base_overrides.items() if f not in targets})
+    # bias = "all" / "<method>_only": the trained biases replace the model's (a targeted layer folds its adapters
+    # onto the trained one)
+    trained: dict[str, torch.Tensor] = {fqn: t for ap in plan.adapters.values() if ap.active
+                                        for fqn, (_, t) in ap.biases.items()}
+    replace.update({f: t for f, t in trained.items() if f not in targets})
     changed = set(targets) | set(replace)
 
-    # tied weights: a changed name gets a tensor of its own (each name of its group does)
+    # tied weights: a changed name gets a tensor of its own (each name of its group does), except where the
+    # method makes the tied modules follow the adapted weight (peft's tied trainable tokens): the group stays tied
+    follow: dict[str, str] = {}                  # a tied module's weight -> the adapted weight it follows
+    for lname in {targets[f][0] for f in targets}:
+        if all(sa.method.tied_follow for sa in plan.sites[lname] if sa.active):
+            follow.update({f"{m}.weight": plan.layers[lname].weight
+                           for m in tied_modules(skeleton, plan.layers[lname])})
     source = {k: k for k in ck.where}
     added: dict[str, str] = {}                   # new key -> the key whose shard, dtype and shape it takes
     untied: list[str] = []
     for group in _tied_groups(skeleton):
         if not changed & set(group):
+            continue
+        if all(n in follow and follow[n] in group and n not in changed or n in targets and n not in follow
+               for n in group):
+            for n in group:                      # the stored copy is written merged, whichever name it has
+                if n in ck.where and n not in targets:
+                    targets[n] = targets[follow[n]]
+                    changed.add(n)
             continue
         stored = [n for n in group if n in ck.where]
         if not stored:
@@ -295,6 +316,7 @@ def merge_checkpoint(spec: Spec, model_dir: str | Path, out_dir: str | Path, *, 
         w = read(layer.weight) if w is None else w
         b = plan.base_overrides.get(layer.bias) if layer.bias else None
         b = read(layer.bias) if layer.bias and b is None else b
+        b = trained.get(layer.bias, b) if layer.bias else b
         sites = [realize_site(sa, layer.kind, w, b, shared.get(sa.adapter, {}),
                               loaded=plan.adapters[sa.adapter].source != "fresh")
                  for sa in plan.sites[lname] if sa.active]

@@ -19,6 +19,7 @@ import sympy
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from peftc.errors import PeftcError
 from peftc.experts import exportable_experts
@@ -131,7 +132,7 @@ def dynamic_axes(ep: torch.export.ExportedProgram, inputs: dict[str, torch.Tenso
         axes.names[node.name] = {}
         for i, name in candidates[node.name].items():
             size = val.shape[i] if i < val.dim() else 0
-            if isinstance(size, int):
+            if is_concrete_int(size):     # a SymInt the trace specialized (a Conv1d's channels) is not dynamic
                 continue
             axes.names[node.name][i] = name
             upper = ep.range_constraints.get(size.node.expr)

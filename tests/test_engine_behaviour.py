@@ -63,6 +63,47 @@ def test_fresh_check_inputs_stay_in_the_vocabulary():
     assert int(fresh["ids"].max()) <= int(ex["ids"].max()) and int(fresh["ids"].min()) >= int(ex["ids"].min())
 
 
+def test_speech_model_gets_its_features():
+    """A Whisper model (main input `input_features`, encoder length fixed at 2 * max_source_positions) is traced
+    with mel features and decoder ids, not token ids; the onnxruntime check's fresh input keeps the features'
+    shape (only the batch grows)."""
+    import transformers as T
+
+    from peftc.models import default_input_specs, make_inputs
+    torch.manual_seed(0)
+    model = T.WhisperForConditionalGeneration(T.WhisperConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=8, max_source_positions=6,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)).eval()
+    ex = make_inputs(default_input_specs(model, model.config), model.config)
+    assert {k: tuple(v.shape) for k, v in ex.items()} == {"input_features": (2, 8, 12), "decoder_input_ids": (2, 8)}
+    fresh = fresh_like(ex)
+    assert fresh["input_features"].shape == (3, 8, 12) and fresh["decoder_input_ids"].shape == (3, 11)
+    gm = peftc.compile('adapter a: lora(r = 2, init = "random") { targets q_proj }', model)
+    out = gm(**fresh)["logits"]
+    assert out.shape == (3, 11, 64)
+
+
+def _seqvol_dora():
+    from test_method_files import seqvol, seqvol_inputs
+    return peftc.compile('adapter a: dora(r = 2, init = "random") { targets seq, vol }', seqvol(),
+                         example_inputs=seqvol_inputs(batch=2, seed=3))
+
+
+def test_conv1d_channels_are_not_a_dynamic_axis():
+    """A (batch, channels, length) input of an nn.Conv1d: the trace specializes the channels (a SymInt that is a
+    constant); they are no `sequence` axis, and the onnxruntime check's fresh input keeps them."""
+    gm = _seqvol_dora()
+    assert gm.peftc_axes.names == {"s": {0: "batch"}, "v": {0: "batch"}}
+    fresh = fresh_like(gm.peftc_inputs, axes=gm.peftc_axes.names)
+    assert fresh["s"].shape == (3, 4, 10) and fresh["v"].shape == (3, 2, 4, 6, 4)
+
+
+@pytest.mark.slow
+def test_onnx_of_a_conv1d_conv3d_model(tmp_path):
+    assert peftc.export_onnx(_seqvol_dora(), tmp_path / "m.onnx").max_abs_diff <= 1e-4
+
+
 @pytest.mark.slow
 def test_onnx_of_a_custom_token_model(tmp_path):
     gm = peftc.compile('adapter a: dora(r = 2, init = "random") { targets emb, lin0 }', MODELS["token-mlp"](),

@@ -149,6 +149,44 @@ def test_merge_and_lower_gpt2(tmp_path, bias):
     assert max_diff(peftc_logits(lowered, x), want) <= TOL
 
 
+MERGE_GPT2_CASES = {
+    # peft's bias = "all" / "lora_only": trained biases replace the model's (of adapted and other layers)
+    "bias-all": lambda: lora(target_modules=["c_attn"], fan_in_fan_out=True, bias="all"),
+    "bias-lora_only": lambda: lora(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, bias="lora_only"),
+    # trainable tokens on wte, which the head reads too (peft ties the rows): merged, the group stays tied
+    "tokens-tied-wte": lambda: peft.TrainableTokensConfig(target_modules=["wte"], token_indices=[1, 2, 300]),
+    "lora-with-tokens": lambda: lora(target_modules=["c_attn"], fan_in_fan_out=True, trainable_token_indices=[3, 7]),
+}
+
+
+@pytest.mark.parametrize("case", list(MERGE_GPT2_CASES))
+def test_merge_gpt2_trained_biases_and_tied_tokens(tmp_path, capsys, case):
+    """`peftc merge` and `peftc lower` give peft's outputs where the adapter trains more than its layers: biases,
+    tied token rows (which lowering refuses: the head reads them too)."""
+    import transformers as T
+    base = gpt2()
+    base.save_pretrained(tmp_path / "model")
+    pm = peft.get_peft_model(copy.deepcopy(base), MERGE_GPT2_CASES[case]()).eval()
+    randomize_(pm, 1)
+    pm.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "s.peft").write_text('adapter a: import "adapter"\n')
+    assert main(["-q", "merge", str(tmp_path / "s.peft"), str(tmp_path / "model"), "-o", str(tmp_path / "out")]) == 0
+    merged = T.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    x = inputs_for("gpt2")
+    want = peftc_logits(pm, x)
+    assert max_diff(peftc_logits(merged, x), want) <= TOL and max_diff(peftc_logits(base, x), want) > CHANGED
+    # lowered: the trained biases go with the LoRA (same `bias` option); tied token rows cannot be a LoRA
+    code = main(["-q", "lower", str(tmp_path / "s.peft"), str(tmp_path / "model"), "--rank", "8",
+                 "-o", str(tmp_path / "low")])
+    if case.startswith("bias"):
+        assert code == 0
+        assert json.loads((tmp_path / "low" / "adapter_config.json").read_text())["bias"] == case[5:]
+        lowered = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "low").eval()
+        assert max_diff(peftc_logits(lowered, x), want) <= TOL
+    else:
+        assert code == 1 and "lm_head shares its weight and reads the adapted rows too" in capsys.readouterr().err
+
+
 def _corrupt_missing_shard(model: Path) -> str:
     next(iter(sorted(model.glob("model-*.safetensors")))).unlink()
     return "is missing from"

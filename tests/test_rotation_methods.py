@@ -352,3 +352,28 @@ def test_block_dropout_names_a_tensor_let(body, message):
     with pytest.raises(peftc.PeftcError, match=message):
         methods, _ = parse_library_file(text, "m.peft")
         instantiate(methods[0], "linear", {"p": 0.5}, {"in": 3, "out": 3})
+
+
+def test_two_oft_adapters_on_one_layer_follow_peft_merge(tmp_path):
+    """Two OFT adapters active on one layer: peft 0.21.2's unmerged forward rotates the input by R_a then R_b
+    (y = x R_a R_b Wᵀ), while its merge applies them the other way round (Wᵀ <- R_b R_a Wᵀ): peft disagrees with
+    itself (~1e-3 here). peftc composes weight transforms in declaration order as the merge does, and keeps
+    merged == unmerged; this pins both peft's disagreement and peftc's choice (found by tools/sweep_peft.py)."""
+    base = MODELS["llama"]()
+    dirs = {}
+    for i, (name, size, targets) in enumerate([("a", 8, ["q_proj", "v_proj"]), ("b", 16, ["q_proj"])]):
+        _, _, d = peft_adapter("llama", peft.OFTConfig(oft_block_size=size, target_modules=targets),
+                               tmp_path / name, seed=1 + i, base=base)
+        dirs[name] = d
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(dirs["a"]), adapter_name="a")
+    pm.load_adapter(str(dirs["b"]), adapter_name="b")
+    pm.base_model.set_adapter(["a", "b"])
+    pm.eval()
+    x = _inputs("llama")
+    peft_unmerged = run_logits(pm, x)
+    peft_merged = run_logits(copy.deepcopy(pm).merge_and_unload(), x)
+    assert max_diff(peft_unmerged, peft_merged) > 1e-4          # peft's own forms disagree
+    spec = "\n".join(f'adapter {n}: import "{d}"' for n, d in dirs.items())
+    ours = run_logits(compile_on(spec, "llama"), x)
+    assert max_diff(ours, peft_merged) <= TOL
+    assert max_diff(run_logits(compile_on(spec, "llama", merge=True), x), ours) <= TOL

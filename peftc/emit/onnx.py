@@ -164,7 +164,8 @@ def export_onnx(gm: fx.GraphModule, path: str | Path, inputs: dict[str, torch.Te
             with step("Writing .onnx"), quiet_libraries():
                 prog.save(str(tmp), external_data=external)
         result = None
-        for feed in (check_inputs or [fresh_like(inputs)]) if check else []:
+        axes = getattr(getattr(gm, "peftc_axes", None), "names", None)
+        for feed in (check_inputs or [fresh_like(inputs, axes=axes)]) if check else []:
             done = check_onnx(gm, tmp, feed, tol, rename)
             result = done if result is None or done.max_abs_diff > result.max_abs_diff else result
     return result

@@ -271,7 +271,7 @@ def export_switchable(gm: fx.GraphModule, path: str | Path, inputs: dict[str, to
                 f = tmpdir / f"{name}{ADAPTER_SUFFIX}"
                 write_adapter_file(f, {ai.name: ai.value.numpy() for ai in lifted.inputs if ai.adapter == name})
                 files[name] = f
-        checks = check_inputs or [fresh_like(inputs)]
+        checks = check_inputs or [fresh_like(inputs, axes=getattr(getattr(gm, "peftc_axes", None), "names", None))]
         result = _check(gm, lifted, tmp, files, defaults, checks, rename, tol) if check else None
     return SwitchExport(path, {n: path.parent / f.name for n, f in files.items()},
                         [ai.name for ai in lifted.inputs], result)
@@ -400,7 +400,7 @@ def _check_feeds(compiled: Any) -> tuple[list[dict[str, torch.Tensor]], dict[str
     gm = compiled.gm
     layout = getattr(gm, "peftc_cache", None)
     if layout is None:
-        return [fresh_like(gm.peftc_inputs)], {}
+        return [fresh_like(gm.peftc_inputs, axes=getattr(getattr(gm, "peftc_axes", None), "names", None))], {}
     from peftc.generation import check_inputs, onnx_renames
     vocab = int(getattr(compiled.model.config, "vocab_size", 0) or 0)
     return check_inputs(layout, vocab), onnx_renames(gm.peftc_inputs)
