@@ -13,6 +13,7 @@ and the peft quirks, each pinned by a test that fails if peft changes:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from contextlib import contextmanager
