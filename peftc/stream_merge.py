@@ -52,8 +52,26 @@ class Checkpoint:
     directory: Path
     shards: list[str]                      # file names, in order
     headers: dict[str, Header]             # file name -> header
-    where: dict[str, str]                  # tensor key -> file name
+    where: dict[str, str]                  # tensor key -> file name (the model's parameter names once renamed)
     index: dict[str, Any] | None           # model.safetensors.index.json, if sharded
+    file_key: dict[str, str] = field(default_factory=dict)   # a renamed key -> its key in the file
+
+    def stored(self, key: str) -> str:
+        """The key a tensor has in its file."""
+        return self.file_key.get(key, key)
+
+    def read(self, key: str) -> torch.Tensor:
+        return read_tensor(self.headers[self.where[key]], self.stored(key))
+
+    def use_model_names(self, skeleton: nn.Module) -> None:
+        """Key the checkpoint by the model's parameter names where transformers renames keys as it loads (its
+        conversion mapping: transformers 5 stores ViT's `encoder.layer.N.attention.attention.query` for the
+        module `layers.N.attention.q_proj`). Keys that a converter merges (several tensors into one parameter,
+        such as per-expert MoE tensors) keep their file names."""
+        renamed = _load_time_names(skeleton, list(self.where))
+        if renamed:
+            self.where = {renamed.get(k, k): f for k, f in self.where.items()}
+            self.file_key = {m: k for k, m in renamed.items()}
 
 
 @dataclass
@@ -115,6 +133,34 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     hint = (f"; it has {', '.join(other[:3])}: save the model with safetensors (transformers' save_pretrained "
             "does by default)") if other else ""
     raise PeftcError(f"{d}: no {SINGLE_NAME} or {INDEX_NAME}; `peftc merge` reads safetensors checkpoints{hint}")
+
+
+def _load_time_names(skeleton: nn.Module, keys: list[str]) -> dict[str, str]:
+    """file key -> the model's parameter name, for the keys transformers' load-time renamings change."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+        transforms = get_model_conversion_mapping(skeleton)
+    except Exception:  # noqa: BLE001 - an older transformers, or a model it has no mapping for: keys as they are
+        return {}
+    if not transforms:
+        return {}
+    state = dict(skeleton.state_dict(keep_vars=True))
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    out: dict[str, str] = {}
+    for k in keys:
+        if k in state:
+            continue
+        try:
+            new, converted = rename_source_key(k, renamings, converters,
+                                               base_model_prefix=getattr(skeleton, "base_model_prefix", None),
+                                               meta_state_dict=state)
+        except Exception:  # noqa: BLE001 - a key transformers' rules cannot rename: left as it is
+            continue
+        if converted is None and new != k and new in state:
+            out[k] = new
+    return out
 
 
 def is_safetensors_dir(ref: str) -> bool:
@@ -208,6 +254,7 @@ def skeleton_plan(spec: Spec, model_dir: str | Path, *, seed: int = 0, lib: Libr
         raise PeftcError(f"{d / 'config.json'}: expected a JSON object")
     with step("Building the model skeleton (meta device)"):
         skeleton = stand_in_weights(build_skeleton(d, config, _main_dtype(ck)))
+        ck.use_model_names(skeleton)
     with step("Planning adapters"):
         plan = build_plan(spec, skeleton, seed=seed, lib=lib)
     source = {k: k for k in ck.where}
@@ -218,7 +265,7 @@ def skeleton_plan(spec: Spec, model_dir: str | Path, *, seed: int = 0, lib: Libr
     def read(fqn: str) -> torch.Tensor:
         if fqn not in source:
             raise PeftcError(f"{d}: the checkpoint has no tensor '{fqn}'; keys must be the model's parameter names")
-        return read_tensor(ck.headers[ck.where[source[fqn]]], source[fqn])
+        return ck.read(source[fqn])
     return plan, ck, skeleton, read
 
 
@@ -302,8 +349,7 @@ def merge_checkpoint(spec: Spec, model_dir: str | Path, out_dir: str | Path, *, 
     written: set[str] = set()
 
     def read(fqn: str) -> torch.Tensor:
-        key = source[fqn]
-        return read_tensor(ck.headers[ck.where[key]], key)
+        return ck.read(source[fqn])
 
     def merged(fqn: str) -> torch.Tensor:
         if fqn in replace:
@@ -349,18 +395,21 @@ def merge_checkpoint(spec: Spec, model_dir: str | Path, out_dir: str | Path, *, 
         for i, s in enumerate(ck.shards, 1):
             h = ck.headers[s]
             extra = [k for k, src in added.items() if ck.where[src] == s]
+            model_name = {ck.stored(m): m for m in ck.file_key}     # file key -> the model's name (renamed keys)
             entries = [(k, info.dtype, info.shape) for k, info in h.tensors.items()]
-            entries += [(k, h.tensors[added[k]].dtype, h.tensors[added[k]].shape) for k in extra]
+            entries += [(k, h.tensors[ck.stored(added[k])].dtype, h.tensors[ck.stored(added[k])].shape)
+                        for k in extra]
             with step(f"Merging shard {i}/{len(ck.shards)} ({s})"):
                 writer = ShardWriter(tmp / s, entries, h.metadata)
                 try:
-                    for key, dt, shape in entries:
-                        if key in changed:
-                            t = merged(key)
+                    for key, dt, shape in entries:    # written under the file's own keys
+                        name = model_name.get(key, key)
+                        if name in changed:
+                            t = merged(name)
                             writer.write(key, t.to(DTYPES[dt]).reshape(shape))
-                            written.add(key)
+                            written.add(name)
                         elif key in added:
-                            writer.copy(key, h, added[key])
+                            writer.copy(key, h, ck.stored(added[key]))
                         else:
                             writer.copy(key, h)
                     writer.finish()

@@ -423,3 +423,31 @@ def test_python_api_merge_and_lower(tied, tied_merged, tmp_path):
     assert max_diff(_logits(lowered, ids), _logits(pm, ids)) <= TOL
     with pytest.raises(peftc.PeftcError, match="rank, a max_error"):
         peftc.lower_to_lora('adapter a: import "' + str(root / "adapter") + '"', copy.deepcopy(base))
+
+
+def test_merge_model_folder_whose_file_keys_transformers_renames(tmp_path):
+    """transformers 5 stores some families under other keys than its modules' names and renames them as it loads
+    (ViT: `vit.encoder.layer.0.attention.attention.query.weight` for the module `vit.layers.0.attention.q_proj`).
+    `peftc merge` plans on the model's names, reads and writes the file's keys: transformers loads the merged
+    folder and gives peft's outputs (a LoRA on q/v and a saved classifier)."""
+    import transformers as T
+    from safetensors import safe_open
+    torch.manual_seed(0)
+    cfg = T.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, intermediate_size=96, num_labels=5)
+    T.ViTForImageClassification(cfg).eval().save_pretrained(tmp_path / "model")
+    keys = set(safe_open(str(tmp_path / "model" / "model.safetensors"), "pt").keys())
+    assert not any(".q_proj." in k for k in keys), "the file keys are the model's names: this test tests nothing"
+    base = T.ViTForImageClassification.from_pretrained(tmp_path / "model").eval()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                          modules_to_save=["classifier"])
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    randomize_(pm, 1)
+    pm.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "s.peft").write_text('adapter a: import "adapter"\n')
+    assert main(["-q", "merge", str(tmp_path / "s.peft"), str(tmp_path / "model"), "-o", str(tmp_path / "out")]) == 0
+    assert set(safe_open(str(tmp_path / "out" / "model.safetensors"), "pt").keys()) == keys
+    merged = T.ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
+    x = {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))}
+    want = peftc_logits(pm, x)
+    assert max_diff(peftc_logits(merged, x), want) <= TOL and max_diff(peftc_logits(base, x), want) > CHANGED
