@@ -121,6 +121,19 @@ def test_merge_equals_fold_and_keeps_bf16(tmp_path):
     assert changed == 6
 
 
+def _merge_gives_peft(tmp_path: Path, base, pm, load, x: dict) -> torch.Tensor:
+    """Randomize and save `pm`'s adapter, `peftc merge` the model folder saved at tmp_path/model, load the result
+    with `load(dir)`, and check it gives `pm`'s outputs (which differ from `base`'s). Returns those outputs."""
+    randomize_(pm, 1)
+    pm.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "s.peft").write_text('adapter a: import "adapter"\n')
+    assert main(["-q", "merge", str(tmp_path / "s.peft"), str(tmp_path / "model"), "-o", str(tmp_path / "out")]) == 0
+    merged = load(tmp_path / "out").eval()
+    want = peftc_logits(pm, x)
+    assert max_diff(peftc_logits(merged, x), want) <= TOL and max_diff(peftc_logits(base, x), want) > CHANGED
+    return want
+
+
 @pytest.mark.parametrize("bias", [False, True], ids=["tied-wte", "lora-bias"])
 def test_merge_and_lower_gpt2(tmp_path, bias):
     """GPT-2: Conv1D weights stored (in, out); a LoRA on the embedding `wte`, which the head reads too, or with
@@ -133,14 +146,8 @@ def test_merge_and_lower_gpt2(tmp_path, bias):
     targets = ["c_attn", "c_fc"] + ([] if bias else ["wte"])
     pm = peft.get_peft_model(copy.deepcopy(base), lora(target_modules=targets, fan_in_fan_out=True,
                                                        lora_bias=bias)).eval()
-    randomize_(pm, 1)
-    pm.save_pretrained(tmp_path / "adapter")
-    (tmp_path / "s.peft").write_text('adapter a: import "adapter"\n')
-    assert main(["-q", "merge", str(tmp_path / "s.peft"), str(tmp_path / "model"), "-o", str(tmp_path / "out")]) == 0
-    merged = T.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     x = inputs_for("gpt2")
-    want = peftc_logits(pm, x)
-    assert max_diff(peftc_logits(merged, x), want) <= TOL and max_diff(peftc_logits(base, x), want) > CHANGED
+    want = _merge_gives_peft(tmp_path, base, pm, T.GPT2LMHeadModel.from_pretrained, x)
     assert main(["-q", "lower", str(tmp_path / "s.peft"), str(tmp_path / "model"), "--rank", "4",
                  "-o", str(tmp_path / "low")]) == 0
     cfg = json.loads((tmp_path / "low" / "adapter_config.json").read_text())
@@ -167,14 +174,8 @@ def test_merge_gpt2_trained_biases_and_tied_tokens(tmp_path, capsys, case):
     base = gpt2()
     base.save_pretrained(tmp_path / "model")
     pm = peft.get_peft_model(copy.deepcopy(base), MERGE_GPT2_CASES[case]()).eval()
-    randomize_(pm, 1)
-    pm.save_pretrained(tmp_path / "adapter")
-    (tmp_path / "s.peft").write_text('adapter a: import "adapter"\n')
-    assert main(["-q", "merge", str(tmp_path / "s.peft"), str(tmp_path / "model"), "-o", str(tmp_path / "out")]) == 0
-    merged = T.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
     x = inputs_for("gpt2")
-    want = peftc_logits(pm, x)
-    assert max_diff(peftc_logits(merged, x), want) <= TOL and max_diff(peftc_logits(base, x), want) > CHANGED
+    want = _merge_gives_peft(tmp_path, base, pm, T.GPT2LMHeadModel.from_pretrained, x)
     # lowered: the trained biases go with the LoRA (same `bias` option); tied token rows cannot be a LoRA
     code = main(["-q", "lower", str(tmp_path / "s.peft"), str(tmp_path / "model"), "--rank", "8",
                  "-o", str(tmp_path / "low")])
@@ -442,12 +443,6 @@ def test_merge_model_folder_whose_file_keys_transformers_renames(tmp_path):
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                           modules_to_save=["classifier"])
     pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
-    randomize_(pm, 1)
-    pm.save_pretrained(tmp_path / "adapter")
-    (tmp_path / "s.peft").write_text('adapter a: import "adapter"\n')
-    assert main(["-q", "merge", str(tmp_path / "s.peft"), str(tmp_path / "model"), "-o", str(tmp_path / "out")]) == 0
-    assert set(safe_open(str(tmp_path / "out" / "model.safetensors"), "pt").keys()) == keys
-    merged = T.ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
     x = {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))}
-    want = peftc_logits(pm, x)
-    assert max_diff(peftc_logits(merged, x), want) <= TOL and max_diff(peftc_logits(base, x), want) > CHANGED
+    _merge_gives_peft(tmp_path, base, pm, T.ViTForImageClassification.from_pretrained, x)
+    assert set(safe_open(str(tmp_path / "out" / "model.safetensors"), "pt").keys()) == keys

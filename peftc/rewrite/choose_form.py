@@ -28,7 +28,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from peftc.lowrank_form import lowrank_linears
-from peftc.rewrite.graph_tools import ADAPTER, RULE, TAG, static_val
+from peftc.rewrite.graph_tools import ADAPTER, RULE, TAG, hoist_before, input_dependent, log_rule, static_val
 
 aten = torch.ops.aten
 
@@ -36,14 +36,6 @@ aten = torch.ops.aten
 def _linear(n: Any, users: int | None = 1) -> bool:
     return (isinstance(n, fx.Node) and n.op == "call_function" and n.target is aten.linear.default and not n.kwargs
             and (users is None or len(n.users) == users))
-
-
-def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
-    dep: set[fx.Node] = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
-            dep.add(n)
-    return dep
 
 
 class _Member:
@@ -91,20 +83,10 @@ def threshold(members: list[_Member]) -> int:
     return max(1, math.ceil(dense / factored))
 
 
-def _hoist(node: fx.Node, before: fx.Node, order: dict[fx.Node, float]) -> None:
-    """Move a weight-side node (and the inputs it needs) before `before` if it comes after it."""
-    if order[node] < order[before]:
-        return
-    for a in node.all_input_nodes:
-        _hoist(a, before, order)
-    before.prepend(node)
-    order[node] = order[before] - 0.5
-
-
 def choose_form(rule_log: list[str] | None = None, rule_hits: Counter | None = None) -> Any:
     """The pass. Each group it rewrites is logged as the rule `choose` (in `rule_log` / `rule_hits`)."""
     def run(gm: fx.GraphModule) -> PassResult:
-        dep = _input_dependent(gm)
+        dep = input_dependent(gm)
         groups: dict[fx.Node, list[_Member]] = {}
         for n in gm.graph.nodes:
             m = _match(gm, n, dep)
@@ -119,7 +101,7 @@ def choose_form(rule_log: list[str] | None = None, rule_hits: Counter | None = N
             for m in members:
                 for t in (m.w, m.b, m.a, m.up):
                     if t is not None:
-                        _hoist(t, anchor, order)
+                        hoist_before(t, anchor, order)
             layer = members[0].add.meta[TAG]
             adapters = tuple(dict.fromkeys(a for m in members for a in m.add.meta.get(ADAPTER) or ()))
             with g.inserting_before(anchor):
@@ -141,10 +123,7 @@ def choose_form(rule_log: list[str] | None = None, rule_hits: Counter | None = N
                 m.add.replace_all_uses_with(part)
             if "nn_module_stack" in members[0].add.meta:
                 call.meta["nn_module_stack"] = members[0].add.meta["nn_module_stack"]
-            if rule_log is not None:
-                rule_log.append(f"choose @ {layer}")
-            if rule_hits is not None:
-                rule_hits["choose"] += 1
+            log_rule(rule_log, rule_hits, "choose", layer)
         g.eliminate_dead_code()
         g.lint()
         gm.recompile()

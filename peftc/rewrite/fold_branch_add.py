@@ -14,7 +14,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from peftc.rewrite.graph_tools import ADAPTER, RULE, TAG
+from peftc.rewrite.graph_tools import ADAPTER, RULE, TAG, log_rule
 
 aten = torch.ops.aten
 
@@ -48,10 +48,7 @@ def fold_branch_add(rule_log: list[str] | None = None, rule_hits: Counter | None
                 n.meta[RULE] = "addbmm"
             add.replace_all_uses_with(new)
             modified = True
-            if rule_log is not None:
-                rule_log.append(f"addbmm @ {add.meta[TAG]}")
-            if rule_hits is not None:
-                rule_hits["addbmm"] += 1
+            log_rule(rule_log, rule_hits, "addbmm", add.meta[TAG])
         if modified:
             g.eliminate_dead_code()
             g.lint()

@@ -16,7 +16,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from peftc.manifest import Manifest
-from peftc.rewrite.graph_tools import TAG, get_path, static_val
+from peftc.rewrite.graph_tools import TAG, get_path, hoist_before, static_val
 
 aten = torch.ops.aten
 
@@ -32,16 +32,6 @@ def _live_weight(node: Any, gm: fx.GraphModule, manifest: Manifest) -> torch.Ten
         v = static_val(gm, node)
         return v if v is not None and v.dim() == 2 else None
     return None
-
-
-def _hoist(node: fx.Node, before: fx.Node, order: dict[fx.Node, int]) -> None:
-    """Move a weight-side node (and the inputs it needs) before `before` if it comes after it."""
-    if order[node] < order[before]:
-        return
-    for a in node.all_input_nodes:
-        _hoist(a, before, order)
-    before.prepend(node)
-    order[node] = order[before] - 0.5
 
 
 def fuse_shared_input(manifest: Manifest) -> Any:
@@ -67,7 +57,7 @@ def fuse_shared_input(manifest: Manifest) -> Any:
                            for ln in linears]
             for w in weights:
                 if w.op != "get_attr":
-                    _hoist(w, first, order)
+                    hoist_before(w, first, order)
             with g.inserting_before(first):
                 cat = g.call_function(aten.cat.default, (weights, 0))
                 fused = g.call_function(aten.linear.default, (x, cat))

@@ -24,7 +24,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from peftc.manifest import Manifest
-from peftc.rewrite.graph_tools import ADAPTER, RULE, TAG, set_path, static_val
+from peftc.rewrite.graph_tools import ADAPTER, RULE, TAG, input_dependent, set_path, static_val
 from peftc.rewrite.stack_adapters import find_chains
 
 aten = torch.ops.aten
@@ -37,14 +37,6 @@ def gate_path(layer: str, adapter: str) -> str:
 
 def _is(n: Any, target: Any) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target is target
-
-
-def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
-    dep: set[fx.Node] = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
-            dep.add(n)
-    return dep
 
 
 def _weight_operand(gm: fx.GraphModule, branch: fx.Node, dep: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
@@ -73,7 +65,7 @@ def gate_adapters(gated: Collection[str] | None, manifest: Manifest, found: dict
     def run(gm: fx.GraphModule) -> PassResult:
         if not gated:
             return PassResult(gm, False)
-        dep = _input_dependent(gm)
+        dep = input_dependent(gm)
         g = gm.graph
         modified = False
         for layer, _head, links, _end in find_chains(gm):

@@ -185,3 +185,31 @@ def constant_evaluator(gm: fx.GraphModule, leaf: Any = None, pass_through: Any =
 
     return value
 
+
+
+def input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose value depends on a graph input (the others are weight-side: computable without inputs)."""
+    dep: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
+def hoist_before(node: fx.Node, before: fx.Node, order: dict[fx.Node, float]) -> None:
+    """Move a weight-side node (and the inputs it needs) before `before` if it comes after it; `order` is each
+    node's position, kept up to date."""
+    if order[node] < order[before]:
+        return
+    for a in node.all_input_nodes:
+        hoist_before(a, before, order)
+    before.prepend(node)
+    order[node] = order[before] - 0.5
+
+
+def log_rule(rule_log: list[str] | None, rule_hits: Any, rule: str, where: str) -> None:
+    """Record one application of a rewrite (`rule @ where` in the log, a count per rule)."""
+    if rule_log is not None:
+        rule_log.append(f"{rule} @ {where}")
+    if rule_hits is not None:
+        rule_hits[rule] += 1

@@ -33,7 +33,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from peftc.errors import PeftcError
-from peftc.rewrite.graph_tools import ADAPTER, RULE, TAG, static_val
+from peftc.rewrite.graph_tools import ADAPTER, RULE, TAG, input_dependent, log_rule, static_val
 
 aten = torch.ops.aten
 IDS = "adapter_ids"
@@ -41,14 +41,6 @@ IDS = "adapter_ids"
 
 def _call(n: Any, target: Any) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target is target
-
-
-def _input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
-    dep: set[fx.Node] = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
-            dep.add(n)
-    return dep
 
 
 def _branch_of(n: Any, layer: str) -> str | None:
@@ -202,7 +194,7 @@ def stack_adapters(selectable: Sequence[str] | None = None, live: dict[str, list
         if selectable is not None and ids is None:
             raise PeftcError(f"the traced graph has no '{IDS}' input")
         masks = _Masks(gm, ids, selectable) if selectable is not None else None
-        dep = _input_dependent(gm)
+        dep = input_dependent(gm)
         chains = find_chains(gm)
         seen: dict[str, set[str]] = {}
         modified = masks is not None
@@ -252,10 +244,7 @@ def stack_adapters(selectable: Sequence[str] | None = None, live: dict[str, list
                 total = emit(aten.add.Tensor, total, y)
             end.replace_all_uses_with(total)
             modified = True
-            if rule_log is not None:
-                rule_log.append(f"stack @ {layer}")
-            if rule_hits is not None:
-                rule_hits["stack"] += 1
+            log_rule(rule_log, rule_hits, "stack", layer)
         if masks is not None and live:
             for layer, names in live.items():
                 missing = [a for a in names if a not in seen.get(layer, set())]
